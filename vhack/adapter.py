@@ -1,0 +1,532 @@
+"""SVD-basis adapter: every target Linear becomes W_eff = U diag(S + dS) Vh, and only dS trains.
+
+All dS of a model live in ONE packed float32 Parameter (`Adapter.delta`), module m owning
+delta[offsets[m]:offsets[m+1]]. Each `SVDLinear.delta_S` is a view of it, so `delta.grad` is one
+contiguous buffer that the projector walks in one launch. The Parameter is registered once, under
+the first wrapped module (`<first module>.vhack_store.delta`), so `model.parameters()` yields it
+and device moves carry it, whatever the model's type (on the root it would become a layer of an
+nn.Sequential).
+
+Exactness at dS = 0: the forward runs through a dense effective weight W_eff = W + U diag(dS) Vh
+(W the original weight), which is W itself at dS = 0, while the dS gradient is always the exact
+SVD-basis one. The wrapped model therefore reproduces the base model's logits at dS = 0 and doubles
+as the KL reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from vhack import ops
+from vhack.cache import cache_dir as resolve_cache_dir
+
+__all__ = ["DEFAULT_TARGETS", "Adapter", "SVDLinear", "SegmentGrads", "wrap"]
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+STORE_NAME = "vhack_store"
+
+
+class DeltaStore(nn.Module):
+    """Holds the packed dS Parameter [R_total] (float32) inside the wrapped model.
+
+    It stays float32 whatever the model is cast to (`model.half()` moves it, never rounds it).
+    """
+
+    def __init__(self, total: int, device: torch.device) -> None:
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros(total, dtype=torch.float32, device=device))
+        # (data_ptr, version) of `delta` while it is known to be all zero: merges are skipped then.
+        self.zero_key: tuple[int, int] | None = self.key()
+        self.capture: SegmentGrads | None = None
+
+    def key(self) -> tuple[int, int]:
+        """Identifies the current contents of `delta`: its storage and in-place version counter."""
+        return (self.delta.data_ptr(), self.delta._version)
+
+    def _apply(self, fn, recurse=True):
+        # Follow device moves but keep float32: probe the target device with an empty tensor.
+        device = fn(torch.empty(0, dtype=torch.float32, device=self.delta.device)).device
+        if device != self.delta.device:
+            self.delta.data = self.delta.data.to(device)
+            if self.delta.grad is not None:
+                self.delta.grad = self.delta.grad.to(device)
+            self.zero_key = None  # unknown after a move; merges are exact either way
+        return self
+
+    def extra_repr(self) -> str:
+        return f"delta: {self.delta.numel()} float32 parameters"
+
+
+class SVDLinear(nn.Module):
+    """A Linear re-parameterised in its own SVD basis: y = x (U diag(S + dS) Vh)^T + bias.
+
+    Buffers (not saved in the model's state_dict; they are recomputed or read from the SVD cache):
+    U [d_out, r] and Vh [r, d_in] in the weight's dtype, S [r] float32. Parameters: `base_weight`
+    (the original weight, frozen) and `bias` (the original bias or None). `delta_S` [r] float32 is a
+    view of the adapter's packed Parameter. Usable where code expects an nn.Linear: `in_features`,
+    `out_features`, `bias`, and a read-only `weight` (the effective weight, detached).
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        U: torch.Tensor,
+        S: torch.Tensor,
+        Vh: torch.Tensor,
+        store: DeltaStore,
+        span: tuple[int, int],
+        owns_store: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.rank = S.numel()
+        self.base_weight = linear.weight  # the same Parameter object as the original Linear's
+        self.bias = linear.bias
+        self.register_buffer("U", U, persistent=False)
+        self.register_buffer("S", S, persistent=False)
+        self.register_buffer("Vh", Vh, persistent=False)
+        # Plain attributes, not submodules: the store is registered once (owns_store, the first
+        # module) and the original Linear is only kept to be put back by unwrap().
+        object.__setattr__(self, "_store", store)
+        object.__setattr__(self, "_linear", linear)
+        if owns_store:
+            self.add_module(STORE_NAME, store)
+        self._span = span
+        self._merged: torch.Tensor | None = None
+        self._merged_key: tuple | None = None
+        self.use_merged = False  # set by Adapter.merged(): plain dense forward, no dS gradient
+
+    @property
+    def delta_S(self) -> torch.Tensor:
+        """dS [r] float32: a view of the adapter's packed `delta` (gradients land in delta.grad)."""
+        lo, hi = self._span
+        return self._store.delta[lo:hi]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight W + U diag(dS) Vh [d_out, d_in], detached (read-only)."""
+        return self.merged_weight()
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight":
+            raise AttributeError(
+                "SVDLinear.weight is read-only (the effective weight W + U diag(dS) Vh); train "
+                "adapter.delta, or call adapter.merge() to get a plain nn.Linear back"
+            )
+        super().__setattr__(name, value)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W_eff [d_out, d_in] in the weight's dtype, cached until dS changes (its version counter).
+
+        At dS = 0 this is the original weight itself: no copy, no rounding.
+        """
+        delta_key = self._store.key()
+        key = (*delta_key, self.base_weight.data_ptr(), self.U.dtype)
+        if self._merged_key != key:
+            with torch.no_grad():
+                if delta_key == self._store.zero_key:
+                    self._merged = self.base_weight.detach()
+                else:
+                    self._merged = ops.merge_weight(
+                        self.U, self.S, self.delta_S.detach(), self.Vh, base=self.base_weight
+                    )
+            self._merged_key = key
+        return self._merged
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_merged:
+            return nn.functional.linear(x, self.merged_weight(), self.bias)
+        y = ops.svd_linear(
+            x, self.U, self.S, self.delta_S, self.Vh, self.bias, weight=self.merged_weight()
+        )
+        capture = self._store.capture
+        if capture is not None and y.requires_grad:
+            capture.hook(self, x, y)
+        return y
+
+    def _apply(self, fn, recurse=True):
+        S = self.S
+        super()._apply(fn, recurse)
+        self.S = S.to(self.U.device)  # singular values stay float32 whatever the model dtype
+        self._merged, self._merged_key = None, None
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.bias is not None}, dtype={self.U.dtype}"
+        )
+
+
+class SegmentGrads:
+    """Per-segment dS gradients captured during one backward (see `Adapter.segment_grads`).
+
+    `packed` [n_segments, R_total] float32, segment s of module m at packed[s, offsets[m]:
+    offsets[m+1]]; `grads[name]` is the [n_segments, r] view of one module.
+    """
+
+    def __init__(self, adapter: Adapter, segment_ids: torch.Tensor, n_segments: int) -> None:
+        self.segment_ids = segment_ids
+        self.n_segments = n_segments
+        self.packed = torch.zeros(
+            n_segments, adapter.delta.numel(), dtype=torch.float32, device=adapter.delta.device
+        )
+        self.grads = {
+            name: self.packed[:, mod._span[0] : mod._span[1]]
+            for name, mod in adapter.modules.items()
+        }
+
+    def hook(self, module: SVDLinear, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Register on y a hook that adds the per-segment dS gradient of `module` when gy arrives."""
+        x = x.detach()
+        lo, hi = module._span
+
+        def on_grad(gy: torch.Tensor) -> None:
+            g = ops.delta_grad(
+                x, gy, module.U, module.Vh, self.segment_ids, n_segments=self.n_segments
+            )
+            self.packed[:, lo:hi] += g
+
+        y.register_hook(on_grad)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.grads[name]
+
+
+class Adapter:
+    """Handle on a wrapped model: the SVDLinear modules, the packed dS, and its life cycle.
+
+    Created by `vhack.wrap`. `modules` is ordered as packed; `delta` [R_total] float32 is the only
+    trainable Parameter of the model; `offsets` int64 [M + 1] (on delta's device) delimits modules.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: dict[str, SVDLinear],
+        store: DeltaStore,
+        requires_grad_before: dict[str, bool],
+    ) -> None:
+        self.model = model
+        self.modules = modules
+        self._store = store
+        self._requires_grad_before = requires_grad_before
+        self._offsets_list = [0]
+        for mod in modules.values():
+            self._offsets_list.append(self._offsets_list[-1] + mod.rank)
+        self._offsets_by_device: dict[torch.device, torch.Tensor] = {}
+        self._attached = True
+
+    # ---- packed state ------------------------------------------------------------------------
+    @property
+    def delta(self) -> nn.Parameter:
+        """The packed dS, one float32 Parameter [R_total]."""
+        return self._store.delta
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """int64 [M + 1] on delta's device: module m owns delta[offsets[m]:offsets[m+1]]."""
+        device = self.delta.device
+        if device not in self._offsets_by_device:
+            self._offsets_by_device[device] = torch.tensor(
+                self._offsets_list, dtype=torch.int64, device=device
+            )
+        return self._offsets_by_device[device]
+
+    @property
+    def names(self) -> list[str]:
+        """Module names in packed order."""
+        return list(self.modules)
+
+    @property
+    def ranks(self) -> list[int]:
+        """r of every module, in packed order."""
+        return [mod.rank for mod in self.modules.values()]
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def __repr__(self) -> str:
+        return (
+            f"Adapter({len(self.modules)} modules, {self.delta.numel()} trainable dS parameters, "
+            f"device={self.delta.device})"
+        )
+
+    def _check_attached(self) -> None:
+        if not self._attached:
+            raise RuntimeError("this adapter was unwrapped or merged; wrap the model again")
+
+    # ---- dS by module name ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """{module name: dS [r] float32}: independent copies, ready for safetensors."""
+        self._check_attached()
+        return {name: mod.delta_S.detach().clone() for name, mod in self.modules.items()}
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load dS by module name. Every name and shape is checked before anything is written."""
+        self._check_attached()
+        missing = [n for n in self.modules if n not in state_dict]
+        unexpected = [n for n in state_dict if n not in self.modules]
+        if missing or unexpected:
+            raise ValueError(
+                f"adapter state_dict does not match the wrapped modules: missing {missing}, "
+                f"unexpected {unexpected}"
+            )
+        wrong = {
+            n: tuple(getattr(t, "shape", ()))
+            for n, t in state_dict.items()
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (self.modules[n].rank,)
+        }
+        if wrong:
+            expected = {n: (self.modules[n].rank,) for n in wrong}
+            raise ValueError(f"wrong dS shapes: got {wrong}, expected {expected}")
+        with torch.no_grad():
+            for name, mod in self.modules.items():
+                mod.delta_S.copy_(state_dict[name].to(torch.float32))
+
+    # ---- per-segment gradients ---------------------------------------------------------------------
+    @contextmanager
+    def segment_grads(
+        self, segment_ids: torch.Tensor, n_segments: int | None = None
+    ) -> Iterator[SegmentGrads]:
+        """Capture per-segment dS gradients of every module from ONE backward.
+
+        segment_ids: int64 [N], one id per token row (x.reshape(-1, d_in) of every wrapped Linear,
+        e.g. torch.arange(B).repeat_interleave(T) for a [B, T] batch). Run the forward AND the
+        backward inside the block; afterwards `.packed` [n_segments, R_total] holds each segment's
+        gradient (their sum over segments is delta.grad's increment). Not for use with activation
+        checkpointing, which would run the capturing forward twice.
+        """
+        self._check_attached()
+        if self._store.capture is not None:
+            raise RuntimeError("segment_grads() is already active on this adapter")
+        if not isinstance(segment_ids, torch.Tensor) or segment_ids.dtype != torch.int64:
+            raise TypeError("segment_ids must be an int64 tensor [N]")
+        segment_ids = segment_ids.to(self.delta.device)
+        if n_segments is None:
+            n_segments = int(segment_ids.max()) + 1 if segment_ids.numel() else 0
+        capture = SegmentGrads(self, segment_ids, n_segments)
+        self._store.capture = capture
+        try:
+            yield capture
+        finally:
+            self._store.capture = None
+
+    # ---- generation / life cycle -------------------------------------------------------------------
+    @contextmanager
+    def merged(self) -> Iterator[nn.Module]:
+        """Run the model through dense merged weights (for generation); yields the model.
+
+        Each module merges W_eff = W + U diag(dS) Vh once and re-merges only when dS changed. No dS
+        gradient flows inside the block.
+        """
+        self._check_attached()
+        for mod in self.modules.values():
+            mod.use_merged = True
+        try:
+            yield self.model
+        finally:
+            for mod in self.modules.values():
+                mod.use_merged = False
+
+    def unwrap(self) -> nn.Module:
+        """Put the original nn.Linear modules back (weights unchanged), restore every parameter's
+        requires_grad, and remove the dS store. Returns the model."""
+        self._check_attached()
+        for name, mod in self.modules.items():
+            _set_submodule(self.model, name, mod._linear)  # the store leaves with the first module
+        for name, param in self.model.named_parameters():
+            if name in self._requires_grad_before:
+                param.requires_grad_(self._requires_grad_before[name])
+        self._attached = False
+        return self.model
+
+    def merge(self) -> nn.Module:
+        """Write W_eff = W + U diag(dS) Vh into the original Linear weights, then unwrap."""
+        self._check_attached()
+        with torch.no_grad():
+            merged = {name: mod.merged_weight().clone() for name, mod in self.modules.items()}
+            for name, mod in self.modules.items():
+                mod._linear.weight.copy_(merged[name])
+        return self.unwrap()
+
+
+# ---------------------------------------------------------------------------------------------
+# wrap()
+# ---------------------------------------------------------------------------------------------
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _output_embedding_ids(model: nn.Module) -> set[int]:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {id(head)} if head is not None else set()
+
+
+def _resolve_targets(model: nn.Module, targets) -> list[tuple[str, nn.Linear]]:
+    """(name, Linear) of every module `targets` selects, in model order; clear errors otherwise."""
+    named = [(n, m) for n, m in model.named_modules() if n]
+    linear_names = [n for n, m in named if isinstance(m, nn.Linear)]
+
+    def available() -> str:
+        shown = ", ".join(linear_names[:40]) + (" ..." if len(linear_names) > 40 else "")
+        return f"nn.Linear modules in this model: [{shown}]" if linear_names else "it has none"
+
+    if isinstance(targets, str) and targets == "all-linear":
+        skip = _output_embedding_ids(model)
+        chosen = [
+            (n, m)
+            for n, m in named
+            if isinstance(m, nn.Linear) and id(m) not in skip and n.split(".")[-1] != "lm_head"
+        ]
+        if not chosen:
+            raise ValueError(f"targets='all-linear' matched no module; {available()}")
+        return chosen
+
+    explicit = targets is not None
+    if targets is None:
+        patterns = list(DEFAULT_TARGETS)
+    elif isinstance(targets, str):
+        patterns = [targets]
+    elif isinstance(targets, Sequence) and all(isinstance(t, str) for t in targets):
+        patterns = list(targets)
+    else:
+        raise TypeError(
+            "targets must be None, 'all-linear', or a list of module names / name suffixes"
+        )
+
+    def matches(name: str, pattern: str) -> bool:
+        return name == pattern or name.endswith("." + pattern)
+
+    chosen, unmatched = [], []
+    for pattern in patterns:
+        if not any(matches(n, pattern) for n, _ in named):
+            unmatched.append(pattern)
+    if (explicit and unmatched) or len(unmatched) == len(patterns):
+        raise ValueError(f"targets {unmatched} matched no module; {available()}")
+    for name, module in named:
+        if any(matches(name, p) for p in patterns):
+            if isinstance(module, SVDLinear):
+                continue  # reported by the already-wrapped check
+            if not isinstance(module, nn.Linear):
+                raise TypeError(
+                    f"target {name!r} is a {type(module).__name__}, not an nn.Linear; "
+                    f"target Linear layers only ({available()})"
+                )
+            chosen.append((name, module))
+    seen: dict[int, str] = {}
+    for name, module in chosen:
+        if id(module) in seen:
+            raise ValueError(
+                f"the same Linear appears as {seen[id(module)]!r} and {name!r}; "
+                "shared modules cannot be wrapped"
+            )
+        seen[id(module)] = name
+    return chosen
+
+
+def _weight_hash(weight: torch.Tensor) -> str:
+    """Content hash of a weight: dtype, shape and bytes."""
+    w = weight.detach().contiguous().cpu()
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"{w.dtype}|{tuple(w.shape)}|".encode())
+    h.update(w.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _svd(weight: torch.Tensor, cache: Path | None) -> tuple[torch.Tensor, ...]:
+    """U [d_out, r], S [r] float32, Vh [r, d_in] of a weight (U, Vh in its dtype), via the cache."""
+    path = cache / f"{_weight_hash(weight)}.safetensors" if cache is not None else None
+    if path is not None and path.exists():
+        try:
+            f = safetensors.torch.load_file(str(path), device=str(weight.device))
+            return f["U"], f["S"], f["Vh"]
+        except Exception as err:  # a damaged cache file is recomputed, never trusted
+            warnings.warn(f"ignoring unreadable SVD cache file {path}: {err}", stacklevel=3)
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    U, S, Vh = torch.linalg.svd(weight.detach().to(compute), full_matrices=False)
+    U, Vh = U.to(weight.dtype).contiguous(), Vh.to(weight.dtype).contiguous()
+    S = S.to(torch.float32).contiguous()
+    if path is not None:
+        tmp = path.with_suffix(f".tmp{id(path)}")
+        safetensors.torch.save_file({"U": U.cpu(), "S": S.cpu(), "Vh": Vh.cpu()}, str(tmp))
+        tmp.replace(path)
+    return U, S, Vh
+
+
+def wrap(
+    model: nn.Module,
+    targets: str | Sequence[str] | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> Adapter:
+    """Re-parameterise the target Linears of `model` in their SVD basis, in place.
+
+    targets: None = the q/k/v/o/gate/up/down projections; "all-linear" = every nn.Linear but the LM
+    head; or a list of full module names / name suffixes (each must match). Every other parameter
+    is frozen (unwrap() restores them). SVDs run in float32 on the weight's device and are cached
+    on disk by a content hash of the weight (cache_dir, default `vhack.cache.cache_dir()`; set
+    use_cache=False to skip). Nothing in the model changes unless wrapping succeeds.
+    Returns the `Adapter` handle.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, SVDLinear) for m in model.modules()):
+        raise ValueError("model is already wrapped by vhack; call adapter.unwrap() first")
+    chosen = _resolve_targets(model, targets)
+    for name, lin in chosen:
+        if lin.weight.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{name}: weight dtype {lin.weight.dtype} is not supported (float32, bfloat16, "
+                "float16, float64); dequantize the model first"
+            )
+        if lin.weight.device.type == "meta":
+            raise ValueError(f"{name}: weight is on the meta device; load real weights first")
+    devices = {lin.weight.device for _, lin in chosen}
+    if len(devices) > 1:
+        raise ValueError(
+            f"target weights span several devices {sorted(map(str, devices))}; the packed dS "
+            "lives on one device, so place the wrapped Linears on one device"
+        )
+
+    cache = None
+    if use_cache:
+        cache = resolve_cache_dir(cache_dir) / "svd"
+        cache.mkdir(parents=True, exist_ok=True)
+    factors = [
+        _svd(lin.weight, cache)
+        for _, lin in tqdm(chosen, desc="vhack: SVD of target weights", disable=not progress)
+    ]
+
+    # Everything that can fail has run; now change the model.
+    store = DeltaStore(sum(S.numel() for _, S, _ in factors), devices.pop())
+    modules: dict[str, SVDLinear] = {}
+    offset = 0
+    for (name, lin), (U, S, Vh) in zip(chosen, factors, strict=True):
+        span = (offset, offset + S.numel())
+        modules[name] = SVDLinear(lin, U, S, Vh, store, span, owns_store=not modules)
+        offset += S.numel()
+    requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, mod in modules.items():
+        _set_submodule(model, name, mod)
+    return Adapter(model, modules, store, requires_grad_before)
