@@ -1,0 +1,1 @@
+"""Data shipped with vhack: contrastive (prompt, hack, clean) pair sets as JSONL."""
