@@ -22,15 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 import vhack
-from vhack.extract import pair_gradients
+from vhack.extract import encode, pair_gradients
+from vhack.pairs import resolve_pairs
 
 TARGET_SPEEDUP = 5.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _tokens(tok, pairs) -> int:
-    from vhack.extract import encode
-
     return sum(len(encode(tok, p.prompt, c)[0]) for p in pairs for c in (p.hack, p.clean))
 
 
@@ -123,8 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from vhack.cli import _pairs
-
     model, tok = vhack.models.load(args.model, dtype=DTYPES.get(args.dtype))
     adapter = vhack.wrap(model.to(args.device), progress=False)
     names = args.pairs.split(",")
@@ -135,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         names, batch_sizes, reps = ["toy"], [4], 1
     rows = []
     for name in names:
-        pairs = _pairs(name)
+        pairs = resolve_pairs(name)
         if args.smoke:
             pairs, n_heldout = pairs[:4], 2
         rows += bench_pairset(adapter, tok, name, pairs, batch_sizes, n_heldout, args.device, reps)

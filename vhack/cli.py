@@ -97,13 +97,6 @@ def _cmd_example(args: argparse.Namespace) -> int:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _pairs(spec: str):
-    """A shipped pair set by name ("coding", "toy") or a JSONL file."""
-    from vhack.pairs import BUILTIN_PAIRSETS, builtin_pairs, load_pairs
-
-    return builtin_pairs(spec) if spec in BUILTIN_PAIRSETS else load_pairs(spec)
-
-
 def _wrapped(args: argparse.Namespace):
     """(model, tokenizer, adapter) for --model/--seed/--device/--dtype."""
     import vhack
@@ -136,9 +129,10 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     """Extract a hack basis from contrastive pairs and save it (safetensors, schema v2)."""
     import vhack
     from vhack.extract import basis_cache_path
+    from vhack.pairs import resolve_pairs
 
     t0 = time.perf_counter()
-    pairs = _pairs(args.pairs)
+    pairs = resolve_pairs(args.pairs)
     _, tok, adapter = _wrapped(args)
     basis = vhack.extract(
         adapter,
@@ -170,9 +164,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     """Run the five validation tests of a hack basis and write a JSON + markdown report and a
     plot."""
     import vhack
+    from vhack.pairs import resolve_pairs
     from vhack.validate import load_samples, validate, write_report
 
-    pairs = _pairs(args.pairs)
+    pairs = resolve_pairs(args.pairs)
     _, tok, adapter = _wrapped(args)
     basis = None
     if args.basis:

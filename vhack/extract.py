@@ -176,7 +176,10 @@ def completion_grads(
         if start >= len(ids):
             raise ValueError(f"{label}: the completion tokenizes to no tokens after the prompt")
         if start == 0:
-            raise ValueError(f"{label}: the prompt tokenizes to no tokens")
+            raise ValueError(
+                f"{label}: no prompt tokens precede the completion (does the tokenizer merge "
+                "the prompt's last characters with the completion's first?)"
+            )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     delta, device = adapter.delta, adapter.delta.device
     out = torch.zeros(len(items), delta.numel(), dtype=torch.float32, device=device)
@@ -279,7 +282,8 @@ def _model_name(model: torch.nn.Module) -> str:
     return str(name) if name else type(model).__name__
 
 
-def _check_extract_args(pairs, top_k, tau_axis, n_heldout) -> None:
+def check_extract_args(pairs, top_k, tau_axis, n_heldout) -> None:
+    """TypeError/ValueError for arguments `extract` cannot use."""
     if not isinstance(pairs, Sequence) or not all(isinstance(p, Pair) for p in pairs):
         raise TypeError("pairs must be a list of vhack.Pair (see vhack.load_pairs)")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
@@ -316,7 +320,7 @@ def extract(
     backward per batch of `batch_size` completions) or "loop" (one per completion, the reference).
     Returns a HackBasis on delta's device with the schema-v2 metadata.
     """
-    _check_extract_args(pairs, top_k, tau_axis, n_heldout)
+    check_extract_args(pairs, top_k, tau_axis, n_heldout)
     train = list(pairs[: len(pairs) - n_heldout])
     G_hack, G_clean = pair_gradients(
         adapter, tokenizer, train, method=method, batch_size=batch_size, progress=progress
@@ -397,7 +401,7 @@ def load_or_extract(
     """Load the cached basis of this model and pair set (see `basis_cache_path`), extracting and
     saving it first when missing (or unreadable); then `HackBasis.load(path, adapter, k,
     drop_bottom_frac)`."""
-    _check_extract_args(pairs, top_k, tau_axis, n_heldout)
+    check_extract_args(pairs, top_k, tau_axis, n_heldout)
     path = basis_cache_path(adapter, pairs, top_k, tau_axis, n_heldout, cache_dir)
     if path.exists():
         try:

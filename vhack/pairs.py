@@ -27,6 +27,7 @@ __all__ = [
     "load_pairs",
     "normalize_prompt",
     "pairset_hash",
+    "resolve_pairs",
     "toy_task",
 ]
 
@@ -159,6 +160,11 @@ def builtin_path(name: str) -> Path:
 def builtin_pairs(name: str) -> list[Pair]:
     """A shipped pair set by name ("coding" or "toy"), as a list of Pair."""
     return load_pairs(builtin_path(name))
+
+
+def resolve_pairs(spec: str | os.PathLike) -> list[Pair]:
+    """A shipped pair set by name ("coding", "toy"), or the pairs of a JSONL file."""
+    return builtin_pairs(spec) if spec in BUILTIN_PAIRSETS else load_pairs(spec)
 
 
 def toy_task() -> dict:

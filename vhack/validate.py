@@ -37,10 +37,12 @@ from vhack.basis import HackBasis, PackedBasis
 from vhack.extract import (
     DEFAULT_BATCH_SIZE,
     basis_from_gradients,
+    check_extract_args,
     completion_grads,
     extraction_metadata,
     pair_gradients,
 )
+from vhack.packing import offsets_from_sizes
 from vhack.pairs import Pair, normalize_prompt, pairset_hash
 
 __all__ = [
@@ -64,11 +66,8 @@ STATISTICS = ("hackward", "both")
 # ---------------------------------------------------------------------------------------------
 
 
-def _offsets(layout, device: torch.device) -> torch.Tensor:
-    ranks = list(layout.ranks)
-    out = torch.zeros(len(ranks) + 1, dtype=torch.int64)
-    out[1:] = torch.cumsum(torch.tensor(ranks, dtype=torch.int64), 0)
-    return out.to(device)
+def _offsets(layout, device: torch.device | str) -> torch.Tensor:
+    return offsets_from_sizes(list(layout.ranks), device)
 
 
 def _check_grads(grads: torch.Tensor, layout, what: str = "grads") -> None:
@@ -416,8 +415,7 @@ def validate(
     null of test 3 use the held-out pairs' differences (the training pairs' when n_heldout = 0,
     flagged "in_sample").
     """
-    if len(pairs) < n_heldout + 2:
-        raise ValueError(f"need at least n_heldout + 2 = {n_heldout + 2} pairs, got {len(pairs)}")
+    check_extract_args(pairs, top_k, tau_axis, n_heldout)
     n_train = len(pairs) - n_heldout
     G_hack, G_clean = pair_gradients(
         adapter, tokenizer, pairs, method=method, batch_size=batch_size, progress=progress
