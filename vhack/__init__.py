@@ -4,18 +4,28 @@ Wrap a model's Linears in their SVD basis (`wrap`), extract a hack basis from co
 and project the hack-ward part out of the dS gradient at every optimizer step. See README.md.
 """
 
-from vhack import models, ops, reference
+from vhack import models, ops, reference, validate
 from vhack._version import __version__
 from vhack.adapter import DEFAULT_TARGETS, Adapter, SegmentGrads, SVDLinear, wrap
+from vhack.basis import HackBasis
+from vhack.extract import extract, load_or_extract
+from vhack.pairs import Pair, builtin_pairs, load_pairs
 
 __all__ = [
     "DEFAULT_TARGETS",
     "Adapter",
+    "HackBasis",
+    "Pair",
     "SVDLinear",
     "SegmentGrads",
     "__version__",
+    "builtin_pairs",
+    "extract",
+    "load_or_extract",
+    "load_pairs",
     "models",
     "ops",
     "reference",
+    "validate",
     "wrap",
 ]

@@ -94,6 +94,110 @@ def _cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _wrapped(args: argparse.Namespace):
+    """(model, tokenizer, adapter) for --model/--seed/--device/--dtype."""
+    import vhack
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = vhack.models.load(args.model, seed=args.seed, dtype=DTYPES.get(args.dtype))
+    model = model.to(device)
+    return model, tok, vhack.wrap(model, progress=not args.quiet)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default="tiny", help="'tiny' (embedded, offline), a hub name, or a local path"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the tiny model (default 0)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype")
+    p.add_argument(
+        "--pairs", default="coding", help="shipped pair set 'coding' or 'toy', or a JSONL file"
+    )
+    p.add_argument("--top-k", type=int, default=12, help="axes extracted per module (default 12)")
+    p.add_argument("--tau-axis", type=float, default=0.0, help="zero axes with S_i/S_0 < tau")
+    p.add_argument("--n-heldout", type=int, default=2, help="last pairs held out (default 2)")
+    p.add_argument("--method", choices=("batched", "loop"), default="batched")
+    p.add_argument("--batch-size", type=int, default=8, help="completions per backward")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    """Extract a hack basis from contrastive pairs and save it (safetensors, schema v2)."""
+    import vhack
+    from vhack.extract import basis_cache_path
+    from vhack.pairs import resolve_pairs
+
+    t0 = time.perf_counter()
+    pairs = resolve_pairs(args.pairs)
+    _, tok, adapter = _wrapped(args)
+    basis = vhack.extract(
+        adapter,
+        tok,
+        pairs,
+        args.top_k,
+        args.tau_axis,
+        args.n_heldout,
+        method=args.method,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    out = args.out or basis_cache_path(adapter, pairs, args.top_k, args.tau_axis, args.n_heldout)
+    path = basis.save(out)
+    top5 = [
+        float((basis.sv(n)[:5] ** 2).sum() / (basis.sv(n) ** 2).sum().clamp_min(1e-30))
+        for n in basis.names
+    ]
+    print(
+        f"hack basis of {len(basis)} modules (up to {max(basis.k(n) for n in basis.names)} axes, "
+        f"{len(pairs) - args.n_heldout} training pairs) written to {path}\n"
+        f"mean fraction of D's energy in the top 5 axes: {sum(top5) / len(top5):.3f}; "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    """Run the five validation tests of a hack basis and write a JSON + markdown report and a
+    plot."""
+    import vhack
+    from vhack.pairs import resolve_pairs
+    from vhack.validate import load_samples, validate, write_report
+
+    pairs = resolve_pairs(args.pairs)
+    _, tok, adapter = _wrapped(args)
+    basis = None
+    if args.basis:
+        basis = vhack.HackBasis.load(
+            args.basis, adapter, k=args.k, drop_bottom_frac=args.drop_bottom_frac
+        )
+    report = validate(
+        adapter,
+        tok,
+        pairs,
+        basis,
+        k=args.k,
+        top_k=args.top_k,
+        tau_axis=args.tau_axis,
+        n_heldout=args.n_heldout,
+        drop_bottom_frac=args.drop_bottom_frac,
+        samples=load_samples(args.samples) if args.samples else None,
+        n_random=args.n_random,
+        n_boot=args.n_boot,
+        seed=args.test_seed,
+        method=args.method,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    paths = write_report(report, args.out_dir)
+    print(paths["md"].read_text())
+    print("report: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     import vhack
 
@@ -115,6 +219,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the tiny model (default 0)")
     p.add_argument("--top-k", type=int, default=2, help="hack axes per module (default 2)")
     p.set_defaults(func=_cmd_example)
+
+    p = sub.add_parser(
+        "extract",
+        help="extract a hack basis from contrastive pairs (safetensors, schema v2)",
+        description=_cmd_extract.__doc__,
+    )
+    _add_model_args(p)
+    p.add_argument(
+        "--out", default=None, help="output file (default: the load_or_extract cache path)"
+    )
+    p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser(
+        "validate",
+        help="the five validation tests of a hack basis: report (JSON, markdown) and plot",
+        description=_cmd_validate.__doc__,
+    )
+    _add_model_args(p)
+    p.add_argument(
+        "--basis", default=None, help="basis file to test (default: extract one from --pairs)"
+    )
+    p.add_argument("--k", type=int, default=5, help="axes per module used (default 5)")
+    p.add_argument(
+        "--drop-bottom-frac", type=float, default=0.0, help="pooled noise floor (e.g. 0.25)"
+    )
+    p.add_argument(
+        "--samples",
+        default=None,
+        help="JSONL of {prompt, completion, label} for tests 1 and 4 (default: held-out pairs)",
+    )
+    p.add_argument("--n-random", type=int, default=100, help="random bases of the null (test 3)")
+    p.add_argument("--n-boot", type=int, default=20, help="bootstrap resamples (test 5)")
+    p.add_argument("--test-seed", type=int, default=0, help="seed of the resampling")
+    p.add_argument("--out-dir", default="vhack-validation", help="where the report goes")
+    p.set_defaults(func=_cmd_validate)
     return parser
 
 

@@ -1,0 +1,423 @@
+"""Hack-basis extraction: per-completion dS gradients -> paired differences -> SVD -> orientation.
+
+Loss of one completion: the mean NLL of its tokens given the prompt. Token ids are those of
+tokenizer(prompt_text + completion), where prompt_text is the prompt itself for a plain-text prompt,
+and for a chat prompt (a list of messages) the tokenizer's chat template applied with the
+generation prompt (tokenized without adding special tokens again, since the template writes them);
+a tokenizer without a chat template gets "role: content" lines followed by "assistant: ". The
+prompt boundary is the length of tokenizer(prompt_text) (the common prefix, should the tokenizer
+merge tokens across the boundary). Nothing is appended to the completion (no EOS).
+
+The batched method computes the gradients of a batch of completions from ONE backward with the
+per-segment dS reduction (`Adapter.segment_grads`); the loop method runs one backward per
+completion and is the reference. Both use torch.autograd.grad, so a training run's accumulated
+`delta.grad` is never touched, and run the model in eval mode (its modes are restored after).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vhack import reference
+from vhack._version import __version__
+from vhack.basis import BasisFileError, HackBasis, adapter_fingerprint
+from vhack.cache import cache_dir as resolve_cache_dir
+from vhack.pairs import Pair, pairset_hash
+
+__all__ = [
+    "basis_cache_path",
+    "basis_from_gradients",
+    "completion_grads",
+    "encode",
+    "extract",
+    "extraction_metadata",
+    "load_or_extract",
+    "pair_gradients",
+    "prompt_text",
+]
+
+METHODS = ("batched", "loop")
+DEFAULT_BATCH_SIZE = 8
+
+Prompt = str | Sequence[dict[str, str]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization
+# ---------------------------------------------------------------------------------------------
+
+
+def prompt_text(tokenizer, prompt: Prompt) -> str:
+    """The text a prompt stands for: itself, or a chat rendered with the tokenizer's chat template
+    (generation prompt added); without a template, "role: content" lines then "assistant: "."""
+    if isinstance(prompt, str):
+        return prompt
+    messages = [dict(m) for m in prompt]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+
+def encode(tokenizer, prompt: Prompt, completion: str) -> tuple[list[int], int]:
+    """(token ids of prompt_text + completion, index of the first completion token)."""
+    text = prompt_text(tokenizer, prompt)
+    # A chat template writes its special tokens itself; plain text gets the tokenizer's defaults.
+    add_special = isinstance(prompt, str)
+    ids = tokenizer(text + completion, add_special_tokens=add_special)["input_ids"]
+    prompt_ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    start = 0
+    while start < min(len(ids), len(prompt_ids)) and ids[start] == prompt_ids[start]:
+        start += 1
+    return list(ids), start
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-completion gradients
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _extraction_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode with gradients enabled; every submodule's training flag is restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _completion_nll(
+    model: torch.nn.Module, seqs: list[tuple[list[int], int]], pad_id: int, device: torch.device
+) -> torch.Tensor:
+    """Mean NLL of each sequence's completion tokens [B] (float32); seqs are (token ids, index of
+    the first completion token), right-padded with pad_id into one batch."""
+    lengths = [len(ids) for ids, _ in seqs]
+    T = max(lengths)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.int64)
+    weight = torch.zeros(len(seqs), T)
+    for b, (toks, start) in enumerate(seqs):
+        ids[b, : len(toks)] = torch.tensor(toks, dtype=torch.int64)
+        weight[b, start : len(toks)] = 1.0
+    ids, weight = ids.to(device), weight.to(device)
+    # Logits are needed from the position before the earliest completion token on.
+    first = min(start for _, start in seqs) - 1
+    kwargs = {"logits_to_keep": T - first} if _keeps_logits(model) else {}
+    # No attention mask: in a causal LM, real tokens never attend to the right padding after them,
+    # and the padding's own outputs carry zero loss weight (so zero gradient). Without a mask the
+    # attention keeps its fast causal path.
+    logits = model(input_ids=ids, **kwargs).logits
+    offset = T - logits.shape[1]  # logits[:, j] is position offset + j
+    logits = logits[:, :-1].float()
+    targets, w = ids[:, offset + 1 :], weight[:, offset + 1 :]
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    ).view(targets.shape)
+    return (nll * w).sum(1) / w.sum(1)
+
+
+def _check_finite(nll: torch.Tensor, grads: torch.Tensor, labels: Sequence[str]) -> None:
+    bad = (~torch.isfinite(nll)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"non-finite NLL ({nll[bad[0]].item()}) for {labels[bad[0]]}; check the model's "
+            "dtype/weights and that the completion is not empty"
+        )
+    bad = (~torch.isfinite(grads).all(1)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"non-finite dS gradient for {labels[bad[0]]}")
+
+
+def completion_grads(
+    adapter,
+    tokenizer,
+    items: Sequence[tuple[Prompt, str]],
+    *,
+    labels: Sequence[str] | None = None,
+    method: str = "batched",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Packed dS gradient of each completion's mean NLL: float32 [n, R_total] on delta's device.
+
+    items: (prompt, completion) pairs. labels: names used in error messages (default "completion
+    i"). method "batched": `batch_size` completions per forward and ONE backward, split per
+    completion by `Adapter.segment_grads` (completions sorted by length to limit padding);
+    "loop": one forward and backward per completion. Raises ValueError naming the completion for
+    a non-finite NLL or gradient, or a completion with no tokens.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    labels = list(labels) if labels is not None else [f"completion {i}" for i in range(len(items))]
+    seqs = [encode(tokenizer, prompt, completion) for prompt, completion in items]
+    for (ids, start), label in zip(seqs, labels, strict=True):
+        if start >= len(ids):
+            raise ValueError(f"{label}: the completion tokenizes to no tokens after the prompt")
+        if start == 0:
+            raise ValueError(
+                f"{label}: no prompt tokens precede the completion (does the tokenizer merge "
+                "the prompt's last characters with the completion's first?)"
+            )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    delta, device = adapter.delta, adapter.delta.device
+    out = torch.zeros(len(items), delta.numel(), dtype=torch.float32, device=device)
+    if method == "loop":
+        batches = [[i] for i in range(len(items))]
+    else:
+        order = sorted(range(len(items)), key=lambda i: -len(seqs[i][0]))
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+    with _extraction_mode(adapter.model):
+        for batch in tqdm(batches, desc="vhack: completion gradients", disable=not progress):
+            batch_seqs = [seqs[i] for i in batch]
+            batch_labels = [labels[i] for i in batch]
+            if method == "loop":
+                nll = _completion_nll(adapter.model, batch_seqs, pad_id, device)
+                (grad,) = torch.autograd.grad(nll.sum(), delta)
+                grads = grad[None]
+            else:
+                T = max(len(ids) for ids, _ in batch_seqs)
+                segment_ids = torch.arange(len(batch), device=device).repeat_interleave(T)
+                with adapter.segment_grads(segment_ids, len(batch)) as cap:
+                    nll = _completion_nll(adapter.model, batch_seqs, pad_id, device)
+                    torch.autograd.grad(nll.sum(), delta)
+                grads = cap.packed
+            _check_finite(nll.detach(), grads, batch_labels)
+            out[torch.tensor(batch, device=device)] = grads
+    return out
+
+
+def pair_gradients(
+    adapter,
+    tokenizer,
+    pairs: Sequence[Pair],
+    *,
+    method: str = "batched",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+    first_index: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G_hack, G_clean): packed dS gradients [n_pairs, R_total] float32 of each pair's hack and
+    clean completion (see `completion_grads`). first_index numbers the pairs in error messages."""
+    items = [(p.prompt, p.hack) for p in pairs] + [(p.prompt, p.clean) for p in pairs]
+    labels = [f"pair {first_index + i} (hack)" for i in range(len(pairs))]
+    labels += [f"pair {first_index + i} (clean)" for i in range(len(pairs))]
+    G = completion_grads(
+        adapter,
+        tokenizer,
+        items,
+        labels=labels,
+        method=method,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return G[: len(pairs)], G[len(pairs) :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Basis from gradients
+# ---------------------------------------------------------------------------------------------
+
+
+def basis_from_gradients(
+    G_hack: torch.Tensor,
+    G_clean: torch.Tensor,
+    layout,
+    top_k: int = 12,
+    tau_axis: float = 0.0,
+    metadata: dict[str, str] | None = None,
+) -> HackBasis:
+    """Per module m: D = G_hack[:, m] - G_clean[:, m], SVD in float32, top-k rows oriented by
+    per-pair majority vote, rows with S_i / S_0 < tau_axis zeroed (`reference.paired_difference_basis`).
+
+    G_hack, G_clean [n_pairs, R_total] packed in the order of `layout` (an Adapter, or any object
+    with `.names` and `.ranks`). Returns a HackBasis on the gradients' device with
+    min(top_k, n_pairs, r_m) axes per module.
+    """
+    names, ranks = list(layout.names), list(layout.ranks)
+    total = sum(ranks)
+    if G_hack.shape != G_clean.shape or G_hack.dim() != 2 or G_hack.shape[1] != total:
+        raise ValueError(
+            f"G_hack and G_clean must both be [n_pairs, {total}], got {tuple(G_hack.shape)} and "
+            f"{tuple(G_clean.shape)}"
+        )
+    V, sv, lo = {}, {}, 0
+    for name, r in zip(names, ranks, strict=True):
+        h, c = G_hack[:, lo : lo + r].float(), G_clean[:, lo : lo + r].float()
+        V[name], sv[name] = reference.paired_difference_basis(h, c, top_k, tau_axis)
+        lo += r
+    return HackBasis(V, sv, metadata)
+
+
+# ---------------------------------------------------------------------------------------------
+# extract / load_or_extract
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_name(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    name = getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "")
+    return str(name) if name else type(model).__name__
+
+
+def check_extract_args(pairs, top_k, tau_axis, n_heldout) -> None:
+    """TypeError/ValueError for arguments `extract` cannot use."""
+    if not isinstance(pairs, Sequence) or not all(isinstance(p, Pair) for p in pairs):
+        raise TypeError("pairs must be a list of vhack.Pair (see vhack.load_pairs)")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if isinstance(n_heldout, bool) or not isinstance(n_heldout, int) or n_heldout < 0:
+        raise ValueError(f"n_heldout must be an integer >= 0, got {n_heldout!r}")
+    if not isinstance(tau_axis, (int, float)) or not 0.0 <= tau_axis <= 1.0:
+        raise ValueError(f"tau_axis must be in [0, 1], got {tau_axis!r}")
+    if len(pairs) < n_heldout + 2:
+        raise ValueError(
+            f"got {len(pairs)} pairs but need at least n_heldout + 2 = {n_heldout + 2}: two or "
+            "more training pairs besides the held-out ones (a dozen is usual)"
+        )
+
+
+def extract(
+    adapter,
+    tokenizer,
+    pairs: Sequence[Pair],
+    top_k: int = 12,
+    tau_axis: float = 0.0,
+    n_heldout: int = 2,
+    *,
+    method: str = "batched",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> HackBasis:
+    """Extract a hack basis from contrastive pairs on a wrapped model, at its current dS.
+
+    The last n_heldout pairs are held out (for `vhack.validate`); from the others: the dS gradient
+    of every completion's mean NLL (module docstring), D = G_hack - G_clean per module, its SVD in
+    float32, the top-k right singular vectors oriented by per-pair majority vote (ties keep +),
+    rows with S_i / S_0 < tau_axis zeroed, and the singular values kept. method: "batched" (one
+    backward per batch of `batch_size` completions) or "loop" (one per completion, the reference).
+    Returns a HackBasis on delta's device with the schema-v2 metadata.
+    """
+    check_extract_args(pairs, top_k, tau_axis, n_heldout)
+    train = list(pairs[: len(pairs) - n_heldout])
+    G_hack, G_clean = pair_gradients(
+        adapter, tokenizer, train, method=method, batch_size=batch_size, progress=progress
+    )
+    return basis_from_gradients(
+        G_hack,
+        G_clean,
+        adapter,
+        top_k,
+        tau_axis,
+        extraction_metadata(adapter, pairs, top_k, tau_axis, n_heldout),
+    )
+
+
+def extraction_metadata(
+    adapter, pairs: Sequence[Pair], top_k: int, tau_axis: float, n_heldout: int
+) -> dict[str, str]:
+    """The schema-v2 metadata (strings) of a basis extracted on `adapter` from `pairs`."""
+    first = next(iter(adapter.modules.values()))
+    return {
+        "top_k": str(top_k),
+        "tau_axis": repr(float(tau_axis)),
+        "n_pairs": str(len(pairs)),
+        "n_train": str(len(pairs) - n_heldout),
+        "n_heldout": str(n_heldout),
+        "model": _model_name(adapter.model),
+        "dtype": str(first.U.dtype).replace("torch.", ""),
+        "pairset_hash": pairset_hash(pairs),
+        "vhack_version": __version__,
+        "delta_norm": f"{adapter.delta.detach().norm().item():.6g}",
+        "fingerprint": json.dumps(adapter_fingerprint(adapter), separators=(",", ":")),
+    }
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[-48:] or "model"
+
+
+def basis_cache_path(
+    adapter,
+    pairs: Sequence[Pair],
+    top_k: int = 12,
+    tau_axis: float = 0.0,
+    n_heldout: int = 2,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Where `load_or_extract` keeps a basis: <cache>/bases/<model slug>_k<top_k>_..._<pairset
+    hash>_<model fingerprint key>.safetensors. The key hashes the module shapes and the weights'
+    singular values rounded to 3 digits, so two models of one architecture (e.g. two seeds of the
+    tiny model) get different files."""
+    fp = adapter_fingerprint(adapter)
+    coarse = json.dumps(
+        [fp["structure"], *[[f"{v:.3g}" for v in s] for s in fp["spectrum"].values()]]
+    )
+    model_key = hashlib.blake2b(coarse.encode(), digest_size=6).hexdigest()
+    name = (
+        f"{_slug(_model_name(adapter.model))}_k{top_k}_tau{float(tau_axis):g}_h{n_heldout}_"
+        f"{pairset_hash(pairs)}_{model_key}.safetensors"
+    )
+    return resolve_cache_dir(cache_dir) / "bases" / name
+
+
+def load_or_extract(
+    adapter,
+    tokenizer,
+    pairs: Sequence[Pair],
+    cache_dir: str | os.PathLike | None = None,
+    top_k: int = 12,
+    k: int | None = 5,
+    *,
+    tau_axis: float = 0.0,
+    n_heldout: int = 2,
+    drop_bottom_frac: float = 0.0,
+    method: str = "batched",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> HackBasis:
+    """Load the cached basis of this model and pair set (see `basis_cache_path`), extracting and
+    saving it first when missing (or unreadable); then `HackBasis.load(path, adapter, k,
+    drop_bottom_frac)`."""
+    check_extract_args(pairs, top_k, tau_axis, n_heldout)
+    path = basis_cache_path(adapter, pairs, top_k, tau_axis, n_heldout, cache_dir)
+    if path.exists():
+        try:
+            return HackBasis.load(path, adapter, k=k, drop_bottom_frac=drop_bottom_frac)
+        except BasisFileError as err:
+            warnings.warn(f"re-extracting: {err}", stacklevel=2)
+    basis = extract(
+        adapter,
+        tokenizer,
+        pairs,
+        top_k,
+        tau_axis,
+        n_heldout,
+        method=method,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    basis.save(path)
+    return HackBasis.load(path, adapter, k=k, drop_bottom_frac=drop_bottom_frac)
