@@ -193,8 +193,15 @@ class SegmentGrads:
         lo, hi = module._span
 
         def on_grad(gy: torch.Tensor) -> None:
+            # The ids were range-checked once by Adapter.segment_grads: no host sync per module.
             g = ops.delta_grad(
-                x, gy, module.U, module.Vh, self.segment_ids, n_segments=self.n_segments
+                x,
+                gy,
+                module.U,
+                module.Vh,
+                self.segment_ids,
+                n_segments=self.n_segments,
+                check_ids=False,
             )
             self.packed[:, lo:hi] += g
 
@@ -303,7 +310,8 @@ class Adapter:
         """Capture per-segment dS gradients of every module from ONE backward.
 
         segment_ids: int64 [N], one id per token row (x.reshape(-1, d_in) of every wrapped Linear,
-        e.g. torch.arange(B).repeat_interleave(T) for a [B, T] batch). Run the forward AND the
+        e.g. torch.arange(B).repeat_interleave(T) for a [B, T] batch), in any order (contiguous
+        ids are the fast case of the Triton kernel), checked once here. Run the forward AND the
         backward inside the block; afterwards `.packed` [n_segments, R_total] holds each segment's
         gradient (their sum over segments is delta.grad's increment). Not for use with activation
         checkpointing, which would run the capturing forward twice.
@@ -313,9 +321,11 @@ class Adapter:
             raise RuntimeError("segment_grads() is already active on this adapter")
         if not isinstance(segment_ids, torch.Tensor) or segment_ids.dtype != torch.int64:
             raise TypeError("segment_ids must be an int64 tensor [N]")
-        segment_ids = segment_ids.to(self.delta.device)
-        if n_segments is None:
-            n_segments = int(segment_ids.max()) + 1 if segment_ids.numel() else 0
+        if segment_ids.dim() != 1:
+            raise ValueError(f"segment_ids must be 1-D [N], got shape {tuple(segment_ids.shape)}")
+        segment_ids = segment_ids.to(self.delta.device).contiguous()
+        # Check the ids once here (one host sync), so the per-module hooks skip the check.
+        n_segments = ops._check_segment_range(segment_ids, n_segments)
         capture = SegmentGrads(self, segment_ids, n_segments)
         self._store.capture = capture
         try:
