@@ -12,6 +12,8 @@ dS gradients are float32 whatever the input dtype (no intermediate is rounded): 
 dtype.
 """
 
+import os
+
 import pytest
 import torch
 from helpers import assert_close, relative_error
@@ -22,9 +24,12 @@ from vhack.kernels import utils as kernel_utils
 
 from vhack import ops, reference
 
-pytestmark = pytest.mark.interpreter
-
 F64 = torch.float64
+# VHACK_TEST_CUDA=1 (see conftest.py) runs the compiled kernels on a GPU instead of the interpreter.
+DEVICE = "cuda" if os.environ.get("VHACK_TEST_CUDA") == "1" else "cpu"
+interpreter = pytest.mark.interpreter
+# the torch backend's 16-bit path runs its GEMMs natively, like the kernels: same tolerances
+BACKENDS = [pytest.param("triton", marks=interpreter), "torch"]
 REL_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 GRAD_TOL = 1e-4
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -51,16 +56,16 @@ def orthonormal(rows, cols, g):
 def make_factors(d_in, d_out, r, dtype, seed):
     """U [d_out, r], S [r], dS [r] (float32), Vh [r, d_in], contiguous, U/Vh in dtype."""
     g = torch.Generator().manual_seed(seed)
-    U = orthonormal(d_out, r, g).to(dtype).contiguous()
-    Vh = orthonormal(d_in, r, g).T.to(dtype).contiguous()
-    S = (torch.rand(r, dtype=F64, generator=g) * 3 + 0.1).sort(descending=True).values.float()
-    dS = (0.2 * torch.randn(r, dtype=F64, generator=g)).float()
-    return U, S, dS, Vh
+    U = orthonormal(d_out, r, g).to(DEVICE, dtype).contiguous()
+    Vh = orthonormal(d_in, r, g).T.to(DEVICE, dtype).contiguous()
+    S = (torch.rand(r, dtype=F64, generator=g) * 3 + 0.1).sort(descending=True).values
+    dS = 0.2 * torch.randn(r, dtype=F64, generator=g)
+    return U, S.to(DEVICE, torch.float32), dS.to(DEVICE, torch.float32), Vh
 
 
 def rand(shape, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, dtype=F64, generator=g).to(dtype)
+    return torch.randn(shape, dtype=F64, generator=g).to(DEVICE, dtype)
 
 
 def d64(*tensors):
@@ -92,21 +97,23 @@ def problems(draw):
 # ---- forward, dX, dS ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(p=problems())
-def test_forward_matches_reference(dtype, p):
+def test_forward_matches_reference(backend, dtype, p):
     U, S, dS, Vh = make_factors(p["d_in"], p["d_out"], p["r"], dtype, p["seed"])
     x = rand((*p["lead"], p["d_in"]), dtype, p["seed"] + 1)
     bias = rand((p["d_out"],), dtype, p["seed"] + 2) if p["bias"] else None
-    y = ops.svd_linear(x, U, S, dS, Vh, bias, backend="triton")
+    y = ops.svd_linear(x, U, S, dS, Vh, bias, backend=backend)
     expected = reference.svd_linear(*d64(x, U, S, dS, Vh, bias))
     assert y.dtype == dtype
     check(y, expected, REL_TOL[dtype], "y")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(p=problems(), dense=st.booleans(), need=st.sampled_from(["both", "dx", "dS"]))
-def test_backward_matches_reference(dtype, p, dense, need):
+def test_backward_matches_reference(backend, dtype, p, dense, need):
     """dX and dS through autograd: the fused backward (dS kernel storing g_h, then the dX GEMM),
     dX alone, dS alone, and the dense-weight path (dS kernel only)."""
     U, S, dS, Vh = make_factors(p["d_in"], p["d_out"], p["r"], dtype, p["seed"])
@@ -115,7 +122,7 @@ def test_backward_matches_reference(dtype, p, dense, need):
     weight = reference.merge_weight(U, S, dS, Vh) if dense else None
     x.requires_grad_(need != "dS")
     dS_var = dS.clone().requires_grad_(need != "dx")
-    y = ops.svd_linear(x, U, S, dS_var, Vh, weight=weight, backend="triton")
+    y = ops.svd_linear(x, U, S, dS_var, Vh, weight=weight, backend=backend)
     y.backward(gy)
 
     x64, dS64 = x.detach().double().requires_grad_(), dS.double().requires_grad_()
@@ -129,6 +136,7 @@ def test_backward_matches_reference(dtype, p, dense, need):
         check(dS_var.grad, gdS64, GRAD_TOL, "dS grad")
 
 
+@interpreter
 @given(p=problems())
 def test_delta_grad_kernel_direct(p):
     """The launch function itself on 2-D rows (float32)."""
@@ -154,6 +162,7 @@ def segment_layouts(draw):
     return ids, n_segments
 
 
+@interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @given(
     layout=segment_layouts(),
@@ -176,6 +185,7 @@ def test_per_segment_grads_match_reference_and_sum_to_batch(dtype, layout, d, se
     check(per.sum(0), batch.double(), GRAD_TOL, "sum over segments vs batch")
 
 
+@interpreter
 def test_unchecked_out_of_range_ids_are_ignored():
     """check_ids=False skips the host-synchronising range check; the kernel then drops rows
     whose id is out of range instead of writing out of bounds."""
@@ -195,6 +205,7 @@ def test_unchecked_out_of_range_ids_are_ignored():
 # ---- merge -------------------------------------------------------------------------------------
 
 
+@interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(
     d=st.tuples(st.integers(1, 70), st.integers(1, 70)),
@@ -219,6 +230,7 @@ def test_merge_matches_reference(dtype, d, r_frac, seed):
 # ---- outputs are poisoned, so the checks above see unwritten elements --------------------------
 
 
+@interpreter
 def test_outputs_are_nan_poisoned_in_tests(monkeypatch):
     assert kernel_utils.POISON_OUTPUTS
     assert torch.isnan(kernel_utils.empty((3,), torch.float32, "cpu")).all()
@@ -233,16 +245,16 @@ def test_outputs_are_nan_poisoned_in_tests(monkeypatch):
 # ---- torch.library registration ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     """Schema, fake (meta) implementation and autograd registration agree with the real ops."""
     U, S, dS, Vh = make_factors(9, 6, 5, torch.float32, 0)
-    x = torch.randn(2, 3, 9, requires_grad=True)
-    gy = torch.randn(2, 3, 6)
+    x = rand((2, 3, 9), torch.float32, 1).requires_grad_()
+    gy = rand((2, 3, 6), torch.float32, 2)
     dS = dS.requires_grad_()
-    bias = torch.randn(6, requires_grad=True)
+    bias = rand((6,), torch.float32, 3).requires_grad_()
     W = reference.merge_weight(U, S, dS.detach(), Vh)
-    ids = torch.tensor([0, 0, 1, 1, 1, 3])
+    ids = torch.tensor([0, 0, 1, 1, 1, 3], device=DEVICE)
     cases = [
         (torch.ops.vhack.svd_linear.default, (x, U, S, dS, Vh, bias, None, backend)),
         (torch.ops.vhack.svd_linear.default, (x, U, S, dS, Vh, None, W, backend)),
@@ -267,11 +279,11 @@ def test_gradcheck_float64():
     """Analytical gradients of the registered ops (torch path, float64) against finite
     differences: svd_linear with only dS needing a gradient, and both forms of merge_weight."""
     U, S, dS, Vh = (t.double() for t in make_factors(7, 5, 4, torch.float32, 3))
-    x = torch.randn(2, 3, 7, dtype=F64)
+    x = rand((2, 3, 7), F64, 1)
     dS = dS.requires_grad_()
     assert torch.autograd.gradcheck(lambda d: ops.svd_linear(x, U, S, d, Vh), (dS,))
     S_var = S.clone().requires_grad_()
-    base = torch.randn(5, 7, dtype=F64, requires_grad=True)
+    base = rand((5, 7), F64, 2).requires_grad_()
     assert torch.autograd.gradcheck(lambda s, d: ops.merge_weight(U, s, d, Vh), (S_var, dS))
     assert torch.autograd.gradcheck(lambda d, b: ops.merge_weight(U, S, d, Vh, base=b), (dS, base))
 
@@ -284,7 +296,7 @@ class _Factored(torch.nn.Module):
         self.register_buffer("S", S)
         self.register_buffer("Vh", Vh)
         self.dS = torch.nn.Parameter(dS)
-        self.bias = torch.nn.Parameter(torch.randn(d_out))
+        self.bias = torch.nn.Parameter(rand((d_out,), torch.float32, 8))
 
     def forward(self, x):
         return torch.tanh(ops.svd_linear(x, self.U, self.S, self.dS, self.Vh, self.bias)).sum(-1)
@@ -293,7 +305,7 @@ class _Factored(torch.nn.Module):
 @pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager():
     module = _Factored()
-    x = torch.randn(2, 3, 9, requires_grad=True)
+    x = rand((2, 3, 9), torch.float32, 9).requires_grad_()
     eager = module(x)
     eager.sum().backward()
     expected = [x.grad.clone(), module.dS.grad.clone(), module.bias.grad.clone()]
@@ -326,6 +338,7 @@ def _good():
     return dict(x=torch.randn(3, 6), gy=torch.randn(3, 5), U=U, S=S, dS=dS, Vh=Vh)
 
 
+@interpreter
 @pytest.mark.parametrize(
     "fn, change, error, match",
     [
@@ -366,6 +379,7 @@ def test_launch_functions_reject_bad_input(no_launch, fn, change, error, match):
         call()
 
 
+@interpreter
 def test_launch_needs_cuda_or_interpreter(no_launch, monkeypatch):
     monkeypatch.setattr(K, "interpreter_enabled", lambda: False)
     a = _good()
@@ -373,6 +387,7 @@ def test_launch_needs_cuda_or_interpreter(no_launch, monkeypatch):
         K.merge_weight(a["U"], a["S"], a["dS"], a["Vh"])
 
 
+@interpreter
 def test_ops_triton_backend_rejects_bad_input(no_launch):
     a = _good()
     U_t = torch.randn(4, 5).T  # right shape, wrong strides
@@ -393,6 +408,7 @@ def test_ops_triton_backend_rejects_bad_input(no_launch):
         )
 
 
+@interpreter
 def test_float64_defaults_to_torch_path_under_triton_backend(no_launch):
     """use_backend('triton') leaves float64 on the exact torch path instead of failing."""
     U, S, dS, Vh = (t.double() for t in make_factors(6, 5, 4, torch.float32, 0))

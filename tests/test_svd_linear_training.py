@@ -10,6 +10,7 @@ moves up to 4e-2) dS agrees to 1e-4 absolute (measured ~2e-6).
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -21,7 +22,11 @@ from vhack import ops
 
 pytestmark = pytest.mark.interpreter
 
-IDS = torch.tensor([[5, 100, 33, 7, 250, 12, 99, 1], [3, 3, 64, 200, 18, 77, 2, 256]])
+# VHACK_TEST_CUDA=1 (see conftest.py) runs the compiled kernels on a GPU instead of the interpreter.
+DEVICE = "cuda" if os.environ.get("VHACK_TEST_CUDA") == "1" else "cpu"
+IDS = torch.tensor(
+    [[5, 100, 33, 7, 250, 12, 99, 1], [3, 3, 64, 200, 18, 77, 2, 256]], device=DEVICE
+)
 
 
 @pytest.fixture
@@ -40,7 +45,7 @@ def kernel_calls(monkeypatch):
 
 
 def _train(model, backend, steps=4):
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(model).to(DEVICE)
     adapter = vhack.wrap(model, progress=False)
     opt = torch.optim.AdamW([adapter.delta], lr=1e-2)
     losses = []
@@ -67,12 +72,12 @@ def test_tiny_model_trains_through_triton_path_like_eager_reference(kernel_calls
 
 
 def test_segment_grads_through_triton_sum_to_batch_and_match_reference(tiny, kernel_calls):
-    model, _ = tiny
+    model = tiny[0].to(DEVICE)
     adapter = vhack.wrap(model, progress=False)
     with torch.no_grad():
         adapter.delta.copy_(0.02 * torch.randn(adapter.delta.shape, generator=torch.Generator()))
     # unequal segments over the 16 token rows, and segment 2 empty
-    seg = torch.tensor([0] * 5 + [1] * 9 + [3] * 2)
+    seg = torch.tensor([0] * 5 + [1] * 9 + [3] * 2, device=DEVICE)
     packed = {}
     for backend in ("triton", "torch"):  # same dense forward: only the dS kernels differ
         adapter.delta.grad = None
@@ -87,7 +92,7 @@ def test_segment_grads_through_triton_sum_to_batch_and_match_reference(tiny, ker
 
 
 def test_segment_grads_rejects_out_of_range_ids_once(tiny):
-    model, _ = tiny
+    model = tiny[0].to(DEVICE)
     adapter = vhack.wrap(model, progress=False)
     with (
         pytest.raises(ValueError, match=r"must lie in \[0, n_segments=2\)"),
@@ -98,7 +103,7 @@ def test_segment_grads_rejects_out_of_range_ids_once(tiny):
 
 
 def test_merged_runs_merge_kernel_and_remerges_only_on_change(tiny, kernel_calls):
-    model, _ = tiny
+    model = tiny[0].to(DEVICE)
     adapter = vhack.wrap(model, progress=False)
     with torch.no_grad():
         adapter.delta.copy_(0.05 * torch.randn(adapter.delta.shape, generator=torch.Generator()))

@@ -105,7 +105,9 @@ class SVDLinear(nn.Module):
         self._span = span
         self._merged: torch.Tensor | None = None
         self._merged_key: tuple | None = None
-        self.use_merged = False  # set by Adapter.merged(): plain dense forward, no dS gradient
+        # Set by Adapter.merged() to the merged weight: a plain dense forward, no dS gradient,
+        # and no per-call cache check (generation is launch-bound at small batch).
+        self.generation_weight: torch.Tensor | None = None
 
     @property
     def delta_S(self) -> torch.Tensor:
@@ -145,8 +147,8 @@ class SVDLinear(nn.Module):
         return self._merged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_merged:
-            return nn.functional.linear(x, self.merged_weight(), self.bias)
+        if self.generation_weight is not None:
+            return nn.functional.linear(x, self.generation_weight, self.bias)
         y = ops.svd_linear(
             x, self.U, self.S, self.delta_S, self.Vh, self.bias, weight=self.merged_weight()
         )
@@ -338,17 +340,19 @@ class Adapter:
     def merged(self) -> Iterator[nn.Module]:
         """Run the model through dense merged weights (for generation); yields the model.
 
-        Each module merges W_eff = W + U diag(dS) Vh once and re-merges only when dS changed. No dS
+        Each module merges W_eff = W + U diag(dS) Vh on entry, re-merging only when dS changed since
+        its last merge (the merge kernel on CUDA); the forward is then a plain dense Linear with
+        no per-call check, so dS changed inside the block takes effect at the next entry. No dS
         gradient flows inside the block.
         """
         self._check_attached()
         for mod in self.modules.values():
-            mod.use_merged = True
+            mod.generation_weight = mod.merged_weight()
         try:
             yield self.model
         finally:
             for mod in self.modules.values():
-                mod.use_merged = False
+                mod.generation_weight = None
 
     def unwrap(self) -> nn.Module:
         """Put the original nn.Linear modules back (weights unchanged), restore every parameter's

@@ -174,6 +174,9 @@ def _check_svd_linear(x, U, S, dS, Vh, bias, weight):
 # differentiable, an autograd formula, so torch.compile and fake tensors trace through them. The
 # backend ("torch" or "triton") is resolved by the Python wrapper and passed in as a string; the
 # "reference" backend never enters the custom ops (it stays plain eager autograd: the oracle).
+# In eager mode svd_linear and delta_grad skip the custom-op dispatcher, which costs ~50 us per
+# call on a slow host (an autograd.Function costs ~10 us), and call the same implementations
+# directly: per-module Python overhead is paid on every forward and backward of every layer.
 
 
 def _kernels():
@@ -223,6 +226,12 @@ def _grad_dtype(backend: str, *tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _tracing(x: torch.Tensor) -> bool:
+    """True under torch.compile/export or for tensor subclasses (fake, functional tensors): then
+    the registered custom op runs, which those tracers understand."""
+    return torch.compiler.is_compiling() or type(x) is not torch.Tensor
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t [..., d] as contiguous rows [N, d] (a view when t is contiguous)."""
     return t.reshape(-1, t.shape[-1]).contiguous()
@@ -253,6 +262,103 @@ def _delta_grad_impl(
     return out.index_add_(0, torch.where(valid, segment_ids, 0), per_row)
 
 
+def _svd_linear_forward_impl(x, U, S, dS, Vh, bias, weight, backend: str) -> torch.Tensor:
+    if weight is not None:  # dense effective weight: one GEMM (cuBLAS on CUDA)
+        b = bias.to(x.dtype) if bias is not None else None
+        return torch.nn.functional.linear(x, weight.to(x.dtype), b)
+    if backend == "triton":
+        y = _kernels().svd_linear_forward(_rows(x), U, S, dS, Vh, bias)
+        return y.reshape(*x.shape[:-1], U.shape[0])
+    if _native_half(x, U):  # GEMMs in the 16-bit dtype (the BLAS accumulates in float32)
+        h = _scale_columns(x @ Vh.T, S, dS)
+        y = h @ U.T
+        return y + bias.to(y.dtype) if bias is not None else y
+    return reference.svd_linear(x, U, S, dS, Vh, bias)
+
+
+def _native_half(x: torch.Tensor, U: torch.Tensor) -> bool:
+    """Torch path: x and the factors share a 16-bit dtype, so forward and dx GEMMs run natively
+    (like the kernels, which keep the [N, r] intermediate in that dtype too); the dS gradient
+    still computes in float32."""
+    return x.dtype == U.dtype and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def _scale_columns(h: torch.Tensor, S: torch.Tensor, dS: torch.Tensor) -> torch.Tensor:
+    """h * (S + dS) along the last axis, computed in float32, returned in h.dtype."""
+    return (h.float() * (S.float() + dS.float())).to(h.dtype)
+
+
+def _svd_linear_backward_impl(
+    x, gy, U, S, dS, Vh, weight, need_dx: bool, need_ds: bool, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx [..., d_in] in x.dtype, dS gradient [r]); an output not asked for is an empty [0]."""
+    none = x.new_empty(0)
+    if weight is not None:  # dense forward: dx through W_eff, dS in the SVD basis
+        gx = (gy @ weight.to(gy.dtype)).to(x.dtype) if need_dx else none
+        g = _delta_grad_impl(x, gy, U, Vh, None, 0, backend) if need_ds else none
+        return gx, g
+    if backend == "triton":
+        kernels = _kernels()
+        if need_ds:
+            gx, g = kernels.svd_linear_backward(_rows(x), _rows(gy), U, S, dS, Vh)
+        else:
+            gx, g = kernels.svd_linear_dx(_rows(gy), U, S, dS, Vh), none
+        return (gx.reshape(x.shape) if need_dx else none), g
+    ct = _grad_dtype(backend, x, gy, U, Vh)
+    if _native_half(gy, U):
+        gx = (_scale_columns(gy @ U, S, dS) @ Vh).to(x.dtype) if need_dx else none
+        g = _delta_grad_impl(x, gy, U, Vh, None, 0, backend) if need_ds else none
+        return gx, g
+    gu = _rows(gy).to(ct) @ U.to(ct)  # gy U, once
+    gx = none
+    if need_dx:
+        gx = ((gu * (S.to(ct) + dS.to(ct))) @ Vh.to(ct)).to(x.dtype).reshape(x.shape)
+    g = ((_rows(x).to(ct) @ Vh.to(ct).T) * gu).sum(0) if need_ds else none
+    return gx, g
+
+
+def _svd_linear_setup_context(ctx, inputs, output) -> None:
+    x, U, S, dS, Vh, bias, weight, backend = inputs
+    ctx.save_for_backward(x, U, S, dS, Vh, weight)
+    ctx.backend = backend
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _svd_linear_grads(ctx, gy, backward_fn) -> tuple:
+    """Gradients for (x, U, S, dS, Vh, bias, weight, backend); backward_fn computes (dx, dS)."""
+    x, U, S, dS, Vh, weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    need_dx, need_ds = needs[0], needs[2] or needs[3]
+    gx = g = g_bias = None
+    if need_dx or need_ds:
+        gx, g = backward_fn(x, gy, U, S, dS, Vh, weight, need_dx, need_ds, ctx.backend)
+    if needs[5]:
+        g_bias = gy.reshape(-1, gy.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return (
+        gx if need_dx else None,
+        None,
+        g.to(S.dtype) if needs[2] else None,
+        g.to(dS.dtype) if needs[3] else None,
+        None,
+        g_bias,
+        None,
+        None,
+    )
+
+
+class _SVDLinearFunction(torch.autograd.Function):
+    """The eager path of svd_linear: the custom op's implementations without its dispatcher."""
+
+    @staticmethod
+    def forward(ctx, x, U, S, dS, Vh, bias, weight, backend):
+        _svd_linear_setup_context(ctx, (x, U, S, dS, Vh, bias, weight, backend), None)
+        return _svd_linear_forward_impl(x, U, S, dS, Vh, bias, weight, backend)
+
+    @staticmethod
+    def backward(ctx, gy):
+        return _svd_linear_grads(ctx, gy, _svd_linear_backward_impl)
+
+
 @torch.library.custom_op("vhack::svd_linear", mutates_args=())
 def _svd_linear_op(
     x: torch.Tensor,
@@ -264,13 +370,7 @@ def _svd_linear_op(
     weight: torch.Tensor | None,
     backend: str,
 ) -> torch.Tensor:
-    if weight is not None:  # dense effective weight: one GEMM (cuBLAS on CUDA)
-        b = bias.to(x.dtype) if bias is not None else None
-        return torch.nn.functional.linear(x, weight.to(x.dtype), b)
-    if backend == "triton":
-        y = _kernels().svd_linear_forward(_rows(x), U, S, dS, Vh, bias)
-        return y.reshape(*x.shape[:-1], U.shape[0])
-    return reference.svd_linear(x, U, S, dS, Vh, bias)
+    return _svd_linear_forward_impl(x, U, S, dS, Vh, bias, weight, backend)
 
 
 @_svd_linear_op.register_fake
@@ -291,26 +391,7 @@ def _svd_linear_backward_op(
     need_ds: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx [..., d_in] in x.dtype, dS gradient [r]); an output not asked for is an empty [0]."""
-    none = x.new_empty(0)
-    if weight is not None:  # dense forward: dx through W_eff, dS in the SVD basis
-        gx = (gy @ weight.to(gy.dtype)).to(x.dtype) if need_dx else none
-        g = _delta_grad_impl(x, gy, U, Vh, None, 0, backend) if need_ds else none
-        return gx, g
-    if backend == "triton":
-        kernels = _kernels()
-        if need_ds:
-            gx, g = kernels.svd_linear_backward(_rows(x), _rows(gy), U, S, dS, Vh)
-        else:
-            gx, g = kernels.svd_linear_dx(_rows(gy), U, S, dS, Vh), none
-        return (gx.reshape(x.shape) if need_dx else none), g
-    ct = _grad_dtype(backend, x, gy, U, Vh)
-    gu = _rows(gy).to(ct) @ U.to(ct)  # gy U, once
-    gx = none
-    if need_dx:
-        gx = ((gu * (S.to(ct) + dS.to(ct))) @ Vh.to(ct)).to(x.dtype).reshape(x.shape)
-    g = ((_rows(x).to(ct) @ Vh.to(ct).T) * gu).sum(0) if need_ds else none
-    return gx, g
+    return _svd_linear_backward_impl(x, gy, U, S, dS, Vh, weight, need_dx, need_ds, backend)
 
 
 @_svd_linear_backward_op.register_fake
@@ -321,34 +402,8 @@ def _(x, gy, U, S, dS, Vh, weight, need_dx, need_ds, backend):
     return gx, g
 
 
-def _svd_linear_setup_context(ctx, inputs, output) -> None:
-    x, U, S, dS, Vh, bias, weight, backend = inputs
-    ctx.save_for_backward(x, U, S, dS, Vh, weight)
-    ctx.backend = backend
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-
-
 def _svd_linear_autograd(ctx, gy):
-    x, U, S, dS, Vh, weight = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    need_dx, need_ds = needs[0], needs[2] or needs[3]
-    gx = g = g_bias = None
-    if need_dx or need_ds:
-        gx, g = torch.ops.vhack.svd_linear_backward(
-            x, gy, U, S, dS, Vh, weight, need_dx, need_ds, ctx.backend
-        )
-    if needs[5]:
-        g_bias = gy.reshape(-1, gy.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return (
-        gx if need_dx else None,
-        None,
-        g.to(S.dtype) if needs[2] else None,
-        g.to(dS.dtype) if needs[3] else None,
-        None,
-        g_bias,
-        None,
-        None,
-    )
+    return _svd_linear_grads(ctx, gy, torch.ops.vhack.svd_linear_backward)
 
 
 _svd_linear_op.register_autograd(_svd_linear_autograd, setup_context=_svd_linear_setup_context)
@@ -453,7 +508,9 @@ def svd_linear(
         return reference.svd_linear(x, U, S, dS, Vh, bias)
     if chosen == "triton":
         _check_contiguous(U=U, S=S, dS=dS, Vh=Vh, bias=bias, weight=weight)
-    return torch.ops.vhack.svd_linear(x, U, S, dS, Vh, bias, weight, chosen)
+    if _tracing(x):
+        return torch.ops.vhack.svd_linear(x, U, S, dS, Vh, bias, weight, chosen)
+    return _SVDLinearFunction.apply(x, U, S, dS, Vh, bias, weight, chosen)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,7 +599,9 @@ def delta_grad(
         return reference.delta_grad(x, gy, U, Vh, segment_ids, n_segments)
     if chosen == "triton":
         _check_contiguous(U=U, Vh=Vh, segment_ids=segment_ids)
-    return torch.ops.vhack.delta_grad(x, gy, U, Vh, segment_ids, n_segments or 0, chosen)
+    if _tracing(x):
+        return torch.ops.vhack.delta_grad(x, gy, U, Vh, segment_ids, n_segments or 0, chosen)
+    return _delta_grad_impl(x, gy, U, Vh, segment_ids, n_segments or 0, chosen)
 
 
 # ----------------------------------------------------------------------------------------------
