@@ -137,6 +137,32 @@ def test_backward_matches_reference(backend, dtype, p, dense, need):
 
 
 @interpreter
+@pytest.mark.parametrize(
+    "d_in, d_out, fused_dx", [(20, 45, True), (45, 20, False), (20, 20, False)]
+)
+def test_dense_path_takes_dx_from_the_fused_kernel_when_it_saves_work(
+    monkeypatch, d_in, d_out, fused_dx
+):
+    """With a dense W_eff and r = d_in < d_out, dx = ((gy U) * s) Vh comes out of the fused dS
+    kernel (2 T d_in^2 FLOPs instead of 2 T d_in d_out); otherwise dx = gy W_eff."""
+    calls = []
+    real = K.svd_linear_backward
+    monkeypatch.setattr(K, "svd_linear_backward", lambda *a: calls.append(1) or real(*a))
+    U, S, dS, Vh = make_factors(d_in, d_out, min(d_in, d_out), torch.float32, 11)
+    x = rand((2, 7, d_in), torch.float32, 12).requires_grad_()
+    gy = rand((2, 7, d_out), torch.float32, 13)
+    dS = dS.requires_grad_()
+    W = reference.merge_weight(U, S, dS.detach(), Vh)
+    ops.svd_linear(x, U, S, dS, Vh, weight=W, backend="triton").backward(gy)
+    assert len(calls) == int(fused_dx)
+    x64, dS64 = x.detach().double().requires_grad_(), dS.detach().double().requires_grad_()
+    y64 = reference.svd_linear(x64, *d64(U, S), dS64, Vh.double())
+    gx64, gdS64 = torch.autograd.grad(y64, (x64, dS64), gy.double())
+    check(x.grad, gx64, REL_TOL[torch.float32], "dx")
+    check(dS.grad, gdS64, GRAD_TOL, "dS grad")
+
+
+@interpreter
 @given(p=problems())
 def test_delta_grad_kernel_direct(p):
     """The launch function itself on 2-D rows (float32)."""

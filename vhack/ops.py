@@ -293,7 +293,8 @@ def _svd_linear_backward_impl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx [..., d_in] in x.dtype, dS gradient [r]); an output not asked for is an empty [0]."""
     none = x.new_empty(0)
-    if weight is not None:  # dense forward: dx through W_eff, dS in the SVD basis
+    if weight is not None and not (need_dx and need_ds and _dx_in_svd_basis(U, Vh, backend)):
+        # dense forward: dx through W_eff (cuBLAS on CUDA), dS in the SVD basis
         gx = (gy @ weight.to(gy.dtype)).to(x.dtype) if need_dx else none
         g = _delta_grad_impl(x, gy, U, Vh, None, 0, backend) if need_ds else none
         return gx, g
@@ -315,6 +316,15 @@ def _svd_linear_backward_impl(
         gx = ((gu * (S.to(ct) + dS.to(ct))) @ Vh.to(ct)).to(x.dtype).reshape(x.shape)
     g = ((_rows(x).to(ct) @ Vh.to(ct).T) * gu).sum(0) if need_ds else none
     return gx, g
+
+
+def _dx_in_svd_basis(U: torch.Tensor, Vh: torch.Tensor, backend: str) -> bool:
+    """With a dense W_eff, take dx = ((gy U) * (S + dS)) Vh from the fused dS kernel, which
+    computes gy U anyway, instead of gy W_eff? Only on the Triton path and when it saves work:
+    full rank r = d_in < d_out (Vh square, so U diag(S) Vh is W up to the factors' rounding),
+    where it costs 2 T d_in^2 FLOPs instead of 2 T d_in d_out."""
+    d_out, r = U.shape
+    return backend == "triton" and r == Vh.shape[1] < d_out
 
 
 def _svd_linear_setup_context(ctx, inputs, output) -> None:
@@ -495,9 +505,13 @@ def svd_linear(
     float64); bias [d_out] or None -> y [..., d_out] in x.dtype. U and Vh are constants (frozen;
     passing them with requires_grad raises).
     weight: optional precomputed W_eff [d_out, d_in] (e.g. a cached merge_weight(..., base=W));
-    the forward and dx then use it as a dense Linear while dS still gets its exact SVD-basis
-    gradient (the fused dS kernel on CUDA). It must equal U diag(S + dS) Vh up to the base weight's
-    reconstruction error. Without weight, backend "triton" runs the fused factored kernels.
+    the forward then is a dense Linear while dS still gets its exact SVD-basis gradient (the fused
+    dS kernel on CUDA). It must equal U diag(S + dS) Vh up to the base weight's reconstruction
+    error. dx is gy W_eff, except on the Triton backend when r = d_in < d_out: then the dS kernel
+    also emits (gy U) * (S + dS) and dx = that times Vh, 2 T d_in^2 instead of 2 T d_in d_out
+    FLOPs, carrying W's reconstruction error in U/Vh's dtype (~2e-3 relative in bf16, next to
+    bf16's own 2e-3 rounding of dx). Without weight, backend "triton" runs the fused factored
+    kernels.
     backend="triton" needs float32/bfloat16/float16 tensors and contiguous U, S, dS, Vh, bias,
     weight (x may have any strides); float64 inputs take the torch path unless it is forced.
     """
