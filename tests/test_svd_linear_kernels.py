@@ -77,7 +77,8 @@ def problems(draw):
     """Shapes with non-power-of-2 sizes, r < d_in and r < d_out, 2-D or 3-D x, empty batches."""
     d_in = draw(st.integers(1, 70))
     d_out = draw(st.integers(1, 70))
-    r = draw(st.integers(1, min(d_in, d_out)))
+    full = min(d_in, d_out)
+    r = draw(st.one_of(st.just(full), st.integers(1, full)))  # full rank (as wrap makes) or less
     lead = draw(
         st.one_of(
             st.tuples(st.integers(0, 40)),
@@ -197,6 +198,7 @@ def segment_layouts(draw):
 )
 def test_per_segment_grads_match_reference_and_sum_to_batch(dtype, layout, d, seed):
     ids, n_segments = layout
+    ids = ids.to(DEVICE)
     d_in, d_out = d
     U, _, _, Vh = make_factors(d_in, d_out, min(d_in, d_out), dtype, seed)
     x = rand((ids.shape[0], d_in), dtype, seed + 1)
@@ -217,7 +219,7 @@ def test_unchecked_out_of_range_ids_are_ignored():
     whose id is out of range instead of writing out of bounds."""
     U, _, _, Vh = make_factors(20, 12, 12, torch.float32, 0)
     x, gy = rand((9, 20), torch.float32, 1), rand((9, 12), torch.float32, 2)
-    ids = torch.tensor([0, 0, 5, 1, 1, -2, 2, 2, 99])
+    ids = torch.tensor([0, 0, 5, 1, 1, -2, 2, 2, 99], device=DEVICE)
     got = ops.delta_grad(x, gy, U, Vh, ids, n_segments=3, check_ids=False, backend="triton")
     keep = (ids >= 0) & (ids < 3)
     expected = reference.delta_grad(*d64(x[keep], gy[keep], U, Vh), ids[keep], 3)
@@ -263,7 +265,7 @@ def test_outputs_are_nan_poisoned_in_tests(monkeypatch):
     # a kernel that writes nothing leaves NaN that check() reports
     monkeypatch.setattr(K, "_matmul", lambda a, b, strides, out, **kw: out)
     U, S, dS, Vh = make_factors(5, 4, 4, torch.float32, 0)
-    y = K.svd_linear_forward(torch.randn(3, 5), U, S, dS, Vh)
+    y = K.svd_linear_forward(rand((3, 5), torch.float32, 1), U, S, dS, Vh)
     with pytest.raises(AssertionError, match="non-finite"):
         check(y, torch.zeros(3, 4, dtype=F64), 1e-4, "y")
 
@@ -361,7 +363,8 @@ def no_launch(monkeypatch):
 
 def _good():
     U, S, dS, Vh = make_factors(6, 5, 4, torch.float32, 0)
-    return dict(x=torch.randn(3, 6), gy=torch.randn(3, 5), U=U, S=S, dS=dS, Vh=Vh)
+    x, gy = rand((3, 6), torch.float32, 1), rand((3, 5), torch.float32, 2)
+    return dict(x=x, gy=gy, U=U, S=S, dS=dS, Vh=Vh)
 
 
 @interpreter
@@ -408,7 +411,7 @@ def test_launch_functions_reject_bad_input(no_launch, fn, change, error, match):
 @interpreter
 def test_launch_needs_cuda_or_interpreter(no_launch, monkeypatch):
     monkeypatch.setattr(K, "interpreter_enabled", lambda: False)
-    a = _good()
+    a = {k: v.cpu() for k, v in _good().items()}
     with pytest.raises(RuntimeError, match="need CUDA tensors, or TRITON_INTERPRET=1"):
         K.merge_weight(a["U"], a["S"], a["dS"], a["Vh"])
 
@@ -416,7 +419,7 @@ def test_launch_needs_cuda_or_interpreter(no_launch, monkeypatch):
 @interpreter
 def test_ops_triton_backend_rejects_bad_input(no_launch):
     a = _good()
-    U_t = torch.randn(4, 5).T  # right shape, wrong strides
+    U_t = rand((4, 5), torch.float32, 3).T  # right shape, wrong strides
     with pytest.raises(ValueError, match="U must be contiguous for backend='triton'"):
         ops.svd_linear(a["x"], U_t, a["S"], a["dS"], a["Vh"], backend="triton")
     with pytest.raises(TypeError, match="backend='triton' takes float32/bfloat16/float16"):
@@ -427,7 +430,7 @@ def test_ops_triton_backend_rejects_bad_input(no_launch):
         ops.svd_linear(
             a["x"], a["U"].clone().requires_grad_(), a["S"], a["dS"], a["Vh"], backend="triton"
         )
-    ids = torch.tensor([0, 4, 1])
+    ids = torch.tensor([0, 4, 1], device=DEVICE)
     with pytest.raises(ValueError, match=r"must lie in \[0, n_segments=2\)"):
         ops.delta_grad(
             a["x"], a["gy"], a["U"], a["Vh"].detach(), ids, n_segments=2, backend="triton"
@@ -438,7 +441,7 @@ def test_ops_triton_backend_rejects_bad_input(no_launch):
 def test_float64_defaults_to_torch_path_under_triton_backend(no_launch):
     """use_backend('triton') leaves float64 on the exact torch path instead of failing."""
     U, S, dS, Vh = (t.double() for t in make_factors(6, 5, 4, torch.float32, 0))
-    x = torch.randn(3, 6, dtype=F64)
+    x = rand((3, 6), F64, 4)
     with ops.use_backend("triton"):
         y = ops.svd_linear(x, U, S, dS, Vh)
     assert_close(y, reference.svd_linear(x, U, S, dS, Vh), rtol=1e-12, atol=1e-12)

@@ -305,11 +305,11 @@ def _svd_linear_backward_impl(
         else:
             gx, g = kernels.svd_linear_dx(_rows(gy), U, S, dS, Vh), none
         return (gx.reshape(x.shape) if need_dx else none), g
-    ct = _grad_dtype(backend, x, gy, U, Vh)
     if _native_half(gy, U):
         gx = (_scale_columns(gy @ U, S, dS) @ Vh).to(x.dtype) if need_dx else none
         g = _delta_grad_impl(x, gy, U, Vh, None, 0, backend) if need_ds else none
         return gx, g
+    ct = _grad_dtype(backend, x, gy, U, Vh)
     gu = _rows(gy).to(ct) @ U.to(ct)  # gy U, once
     gx = none
     if need_dx:
@@ -438,6 +438,12 @@ def _(x, gy, U, Vh, segment_ids, n_segments, backend):
     return x.new_empty(shape, dtype=_grad_dtype(backend, x, gy, U, Vh))
 
 
+def _merge_weight_impl(U, S, dS, Vh, base, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        return _kernels().merge_weight(U, S, dS, Vh, base)
+    return reference.merge_weight(U, S, dS, Vh, base)
+
+
 @torch.library.custom_op("vhack::merge_weight", mutates_args=())
 def _merge_weight_op(
     U: torch.Tensor,
@@ -447,9 +453,7 @@ def _merge_weight_op(
     base: torch.Tensor | None,
     backend: str,
 ) -> torch.Tensor:
-    if backend == "triton":
-        return _kernels().merge_weight(U, S, dS, Vh, base)
-    return reference.merge_weight(U, S, dS, Vh, base)
+    return _merge_weight_impl(U, S, dS, Vh, base, backend)
 
 
 @_merge_weight_op.register_fake
@@ -590,7 +594,7 @@ def delta_grad(
     check_ids: verify that every id lies in [0, n_segments), which costs one host sync. Pass False
     (with n_segments) when the ids were checked once already: rows with out-of-range ids are then
     ignored rather than reported.
-    Not differentiable (it is itself a gradient).
+    No gradient formula is registered for it (it is itself a gradient).
     """
     check_tensor(x, "x")
     check_tensor(gy, "gy")
@@ -649,7 +653,12 @@ def merge_weight(
         return reference.merge_weight(U, S, dS, Vh, base)
     if chosen == "triton":
         _check_contiguous(U=U, S=S, dS=dS, Vh=Vh, base=base)
-    return torch.ops.vhack.merge_weight(U, S, dS, Vh, base, chosen)
+    differentiable = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (S, dS, base)
+    )
+    if _tracing(U) or differentiable:
+        return torch.ops.vhack.merge_weight(U, S, dS, Vh, base, chosen)
+    return _merge_weight_impl(U, S, dS, Vh, base, chosen)  # the adapter's per-step merges
 
 
 # ----------------------------------------------------------------------------------------------
