@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 from vhack.kernels.utils import (
+    check_factors,
     check_same_device,
     check_tensor,
     empty,
@@ -72,15 +73,69 @@ _NO_SCALE, _SCALE_K, _SCALE_N = 0, 1, 2
 
 
 @triton.jit
-def _grouped_tile(pid, n_tiles_m, n_tiles_n, GROUP_M: tl.constexpr):
-    """(tile_m, tile_n) of program `pid`, walking GROUP_M row tiles per column sweep (L2 reuse)."""
-    per_group = GROUP_M * n_tiles_n
-    group = pid // per_group
-    first_m = group * GROUP_M
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile of an [M, N] grid: (tile_m, offs_m, mask_m, offs_n, mask_n),
+    int64 offsets. Programs walk GROUP_M row tiles per column sweep (L2 reuse of B's columns)."""
+    pid = tl.program_id(0)
+    n_tiles_m = tl.cdiv(M, BLOCK_M)
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // per_group) * GROUP_M
     group_rows = tl.minimum(n_tiles_m - first_m, GROUP_M)
     tile_m = first_m + (pid % per_group) % group_rows
     tile_n = (pid % per_group) // group_rows
-    return tile_m, tile_n
+    offs_m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tile_m, offs_m, offs_m < M, offs_n, offs_n < N
+
+
+@triton.jit
+def _accumulate_tile(
+    acc,
+    a_ptr,
+    stride_am,
+    stride_ak,
+    b_ptr,
+    stride_bk,
+    stride_bn,
+    offs_m,
+    mask_m,
+    offs_n,
+    mask_n,
+    K,
+    s1_ptr,
+    s2_ptr,
+    SCALE_K: tl.constexpr,
+    SCALE_SUM: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """acc [BM, BN] += (A[offs_m, :] * s along K) @ B[:, offs_n] over K in BLOCK_K steps, where
+    A[m, k] = a_ptr[m * stride_am + k * stride_ak] and B[k, n] = b_ptr[k * stride_bk + n * stride_bn];
+    with SCALE_K, A's columns are scaled by s = s1 (+ s2) as they load."""
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < K
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        if SCALE_K:
+            s = tl.load(s1_ptr + offs_k, mask=mask_k, other=0.0)
+            if SCALE_SUM:
+                s += tl.load(s2_ptr + offs_k, mask=mask_k, other=0.0)
+            a = (a.to(tl.float32) * s[None, :]).to(a.dtype)
+        if DOT_F32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(a, b, acc)
+    return acc
 
 
 @triton.jit
@@ -111,36 +166,13 @@ def _svd_linear_matmul_kernel(
     GROUP_M: tl.constexpr,
 ):
     """C [M, N] (contiguous) = ((A * s along K) @ B) * (s along N) + bias + addend, fp32 accum."""
-    pid = tl.program_id(0)
-    tile_m, tile_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    _, offs_m, mask_m, offs_n, mask_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask_k = offs_k < K
-        a = tl.load(
-            a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        if SCALE == 1:
-            s = tl.load(s1_ptr + offs_k, mask=mask_k, other=0.0)
-            if SCALE_SUM:
-                s += tl.load(s2_ptr + offs_k, mask=mask_k, other=0.0)
-            a = (a.to(tl.float32) * s[None, :]).to(a.dtype)
-        if DOT_F32:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(a, b, acc)
+    acc = _accumulate_tile(
+        acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, offs_m, mask_m, offs_n,
+        mask_n, K, s1_ptr, s2_ptr, SCALE == 1, SCALE_SUM, DOT_F32, PRECISION, BLOCK_K,
+    )  # fmt: skip
 
     if SCALE == 2:
         s = tl.load(s1_ptr + offs_n, mask=mask_n, other=0.0)
@@ -187,52 +219,20 @@ def _svd_linear_dS_kernel(
     PER_SEGMENT: out [n_segments, r] (zero-initialised) += each segment's sum (atomics).
     STORE_GH: also g_h [n_rows, r] = (gy U) * (S + dS), in g_h's dtype.
     """
-    pid = tl.program_id(0)
-    tile_m, tile_r = _grouped_tile(pid, tl.cdiv(n_rows, BLOCK_M), tl.cdiv(r, BLOCK_R), GROUP_M)
-    offs_m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tile_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_m = offs_m < n_rows
-    mask_r = offs_r < r
+    tile_m, offs_m, mask_m, offs_r, mask_r = _tile(n_rows, r, BLOCK_M, BLOCK_R, GROUP_M)
 
-    # z = x Vh^T for this tile: Vh is [r, d_in] row-major, read as its transpose [d_in, r].
+    # z = x Vh^T and gu = gy U for this tile, both kept in registers. Vh [r, d_in] is read as
+    # its transpose; U [d_out, r] as is.
     z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, d_in, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask_k = offs_k < d_in
-        a = tl.load(
-            x_ptr + offs_m[:, None] * d_in + offs_k[None, :],
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            vh_ptr + offs_r[None, :] * d_in + offs_k[:, None],
-            mask=mask_k[:, None] & mask_r[None, :],
-            other=0.0,
-        )
-        if DOT_F32:
-            z = tl.dot(a.to(tl.float32), b.to(tl.float32), z, input_precision=PRECISION)
-        else:
-            z = tl.dot(a, b, z)
-
-    # gu = gy U for this tile: U is [d_out, r] row-major.
+    z = _accumulate_tile(
+        z, x_ptr, d_in, 1, vh_ptr, 1, d_in, offs_m, mask_m, offs_r, mask_r, d_in,
+        s_ptr, ds_ptr, False, False, DOT_F32, PRECISION, BLOCK_K,
+    )  # fmt: skip
     gu = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, d_out, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask_k = offs_k < d_out
-        a = tl.load(
-            gy_ptr + offs_m[:, None] * d_out + offs_k[None, :],
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            u_ptr + offs_k[:, None] * r + offs_r[None, :],
-            mask=mask_k[:, None] & mask_r[None, :],
-            other=0.0,
-        )
-        if DOT_F32:
-            gu = tl.dot(a.to(tl.float32), b.to(tl.float32), gu, input_precision=PRECISION)
-        else:
-            gu = tl.dot(a, b, gu)
+    gu = _accumulate_tile(
+        gu, gy_ptr, d_out, 1, u_ptr, r, 1, offs_m, mask_m, offs_r, mask_r, d_out,
+        s_ptr, ds_ptr, False, False, DOT_F32, PRECISION, BLOCK_K,
+    )  # fmt: skip
 
     if STORE_GH:
         s = tl.load(s_ptr + offs_r, mask=mask_r, other=0.0)
@@ -331,19 +331,9 @@ def _check_factors(
     U: torch.Tensor, Vh: torch.Tensor, S: torch.Tensor | None, dS: torch.Tensor | None
 ) -> tuple[int, int, int]:
     """U [d_out, r], Vh [r, d_in] (same dtype), S and dS [r] float32 -> (d_out, r, d_in)."""
-    _check_kernel_tensor(U, "U", 2)
-    _check_kernel_tensor(Vh, "Vh", 2)
-    if U.dtype != Vh.dtype:
-        raise TypeError(f"U and Vh must share a dtype, got {U.dtype} and {Vh.dtype}")
-    d_out, r = U.shape
-    if Vh.shape[0] != r:
-        raise ValueError(f"U is {tuple(U.shape)} so Vh must have {r} rows, got {tuple(Vh.shape)}")
-    for name, t in (("S", S), ("dS", dS)):
-        if t is not None:
-            _check_kernel_tensor(t, name, 1, (torch.float32,))
-            if t.shape[0] != r:
-                raise ValueError(f"{name} must have length r = {r}, got {tuple(t.shape)}")
-    return d_out, r, Vh.shape[1]
+    return check_factors(
+        U, Vh, S, dS, dtypes=KERNEL_DTYPES, s_dtypes=(torch.float32,), contiguous=True
+    )
 
 
 def _check_rows(t: torch.Tensor, name: str, width: int, what: str) -> None:

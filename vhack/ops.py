@@ -21,7 +21,13 @@ from functools import cache
 import torch
 
 from vhack import reference
-from vhack.kernels.utils import FLOAT_DTYPES, check_same_device, check_tensor, interpreter_enabled
+from vhack.kernels.utils import (
+    FLOAT_DTYPES,
+    check_factors,
+    check_same_device,
+    check_tensor,
+    interpreter_enabled,
+)
 
 __all__ = ["backends", "delta_grad", "merge_weight", "project_", "svd_linear", "use_backend"]
 
@@ -128,32 +134,11 @@ def backends() -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_factors(
-    U: torch.Tensor, Vh: torch.Tensor, S: torch.Tensor | None = None, dS: torch.Tensor | None = None
-) -> tuple[int, int, int]:
-    """Check U [d_out, r], Vh [r, d_in] and, when given, S [r] and dS [r] (float32/float64);
-    return (d_out, r, d_in)."""
-    check_tensor(U, "U", dim=2)
-    check_tensor(Vh, "Vh", dim=2)
-    for name, t in (("S", S), ("dS", dS)):
-        if t is not None:
-            check_tensor(t, name, dim=1, dtypes=(torch.float32, torch.float64))
-    if U.dtype != Vh.dtype:
-        raise TypeError(f"U and Vh must share a dtype, got {U.dtype} and {Vh.dtype}")
-    d_out, r = U.shape
-    if Vh.shape[0] != r:
-        raise ValueError(f"U is {tuple(U.shape)} so Vh must have {r} rows, got {tuple(Vh.shape)}")
-    for name, t in (("S", S), ("dS", dS)):
-        if t is not None and t.shape[0] != r:
-            raise ValueError(f"{name} must have length r = {r}, got {tuple(t.shape)}")
-    return d_out, r, Vh.shape[1]
-
-
 def _check_svd_linear(x, U, S, dS, Vh, bias, weight):
     check_tensor(x, "x")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension [..., d_in]")
-    d_out, _, d_in = _check_factors(U, Vh, S, dS)
+    d_out, _, d_in = check_factors(U, Vh, S, dS)
     if x.shape[-1] != d_in:
         raise ValueError(f"x has {x.shape[-1]} features but Vh is {tuple(Vh.shape)} (d_in={d_in})")
     if bias is not None:
@@ -598,7 +583,7 @@ def delta_grad(
     """
     check_tensor(x, "x")
     check_tensor(gy, "gy")
-    d_out, _, d_in = _check_factors(U, Vh)
+    d_out, _, d_in = check_factors(U, Vh)
     if x.shape[-1] != d_in or gy.shape[-1] != d_out:
         raise ValueError(
             f"x [..., {d_in}] and gy [..., {d_out}] expected from U {tuple(U.shape)} and Vh "
@@ -641,7 +626,7 @@ def merge_weight(
     base: the dense weight W [d_out, d_in] that U, S, Vh decompose; when given, returns
     W + U diag(dS) Vh in base.dtype, which is exactly W at dS = 0. Differentiable in S, dS, base.
     """
-    d_out, _, d_in = _check_factors(U, Vh, S, dS)
+    d_out, _, d_in = check_factors(U, Vh, S, dS)
     if base is not None:
         check_tensor(base, "base", dim=2)
         if tuple(base.shape) != (d_out, d_in):
