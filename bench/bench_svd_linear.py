@@ -27,7 +27,6 @@ import argparse
 import copy
 import statistics
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -67,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokens", type=int, default=None, help="T (default: 4096 CUDA, 256 CPU)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--reps", type=int, default=None, help="timed samples (default: 20 CUDA, 5 CPU)")
+    p.add_argument("--reps", type=int, default=None, help="timed samples (default: 20 CUDA, 7 CPU)")
     p.add_argument(
         "--inner",
         type=int,
@@ -83,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tokens is None:
         args.tokens = 64 if args.smoke else (4096 if cuda else 256)
     if args.reps is None:
-        args.reps = 2 if args.smoke else (20 if cuda else 5)
+        args.reps = 2 if args.smoke else (20 if cuda else 7)
     if args.inner is None:
         args.inner = 10 if cuda else 1
     return args
@@ -185,89 +184,70 @@ def run(args) -> tuple[list[dict], dict]:
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     decode_tokens = (1, 4) if args.smoke else DECODE_TOKENS
     backend = ops.backends()["default"][device.type]["svd_linear"]
-    timing = dict(reps=args.reps, warmup=1 if args.smoke else 3, min_time_s=0.0)
+    warmup = 1 if args.smoke else 2
 
-    def time(fn, grad: bool = True) -> dict:
-        """Per-call times of fn, timed as args.inner back-to-back calls per sample."""
-
-        def calls():
-            for _ in range(args.inner):
-                fn()
-
+    def time_all(fns: dict, grad: bool = True) -> dict[str, dict]:
+        """Per-call times of each provider. Providers are interleaved round by round, so a load
+        that drifts on a shared machine hits them alike; a sample is args.inner back-to-back
+        calls, as in a model where the host runs ahead of the GPU."""
+        samples: dict[str, list[float]] = {name: [] for name in fns}
         with torch.set_grad_enabled(grad):
-            t = common.time_ms(calls, device, **timing)
-        return {k: v / args.inner if k.endswith("_ms") else v for k, v in t.items()}
+            for round_ in range(warmup + args.reps):
+                for name, fn in fns.items():
 
+                    def calls(fn=fn):
+                        for _ in range(args.inner):
+                            fn()
+
+                    t = common.time_ms(calls, device, warmup=0, reps=1, min_time_s=0.0)
+                    if round_ >= warmup:
+                        samples[name].append(t["median_ms"] / args.inner)
+        out = {}
+        for name, ms in samples.items():
+            q = statistics.quantiles(ms, n=5) if len(ms) >= 2 else [ms[0]] * 4
+            out[name] = {"median_ms": statistics.median(ms), "p20_ms": q[0], "p80_ms": q[3],
+                         "n": len(ms)}  # fmt: skip
+        return out
+
+    providers = [
+        "dense_fwd", "dense_train", "svd_fwd", "svd_train", "fused_fwd", "fused_train",
+        "eager_fwd", "eager_train", "merge", "ds_batch", "ds_segments", "dense_dw",
+    ]  # fmt: skip
+    decoders = ("dense", "merged", "fused", "eager")
     rows: list[dict] = []
     summary: dict = {}
-    steps = len(shapes) * (13 + 4 * len(decode_tokens))
-    with tqdm(total=steps, desc="bench_svd_linear", disable=args.smoke) as bar:
+    with tqdm(total=len(shapes) * (1 + len(decode_tokens)), desc=NAME, disable=args.smoke) as bar:
         for d_in, d_out, count in shapes:
             case = Case(d_in, d_out, args.tokens, dtype, device)
             shape = f"{d_in}->{d_out}"
             base = dict(shape=shape, d_in=d_in, d_out=d_out, r=case.r, tokens=args.tokens)
-            times: dict[str, dict] = {}
-            for name in [
-                "dense_fwd",
-                "dense_train",
-                "svd_fwd",
-                "svd_train",
-                "fused_fwd",
-                "fused_train",
-                "eager_fwd",
-                "eager_train",
-                "merge",
-                "ds_batch",
-                "ds_segments",
-                "dense_dw",
-            ]:
-                fn = getattr(case, name)()
-                times[name] = time(fn)
+            fns = {name: getattr(case, name)() for name in providers}
+            times = time_all(fns)
+            for name in providers:
                 if name.endswith("_train"):
-                    times[name]["peak_mb"] = common.peak_memory_mb(fn, device)
-                bar.update()
-            dense_fwd, dense_train = (
-                times["dense_fwd"]["median_ms"],
-                times["dense_train"]["median_ms"],
-            )
+                    times[name]["peak_mb"] = common.peak_memory_mb(fns[name], device)
+            bar.update()
+            dense_fwd = times["dense_fwd"]["median_ms"]
+            dense_train = times["dense_train"]["median_ms"]
             baseline = {"fwd": dense_fwd, "train": dense_train}
             for name, t in times.items():
                 phase = name.rsplit("_", 1)[-1]
                 phase = phase if phase in baseline else "other"
+                ratio = t["median_ms"] / baseline[phase] if phase in baseline else None
                 rows.append(
-                    {
-                        **base,
-                        "phase": phase,
-                        "provider": name,
-                        **t,
-                        "ratio_vs_dense": t["median_ms"] / baseline[phase]
-                        if phase in baseline
-                        else None,
-                    }
+                    {**base, "phase": phase, "provider": name, **t, "ratio_vs_dense": ratio}
                 )
             decode_ratios = []
             for tokens in decode_tokens:
-                dense_ms = None
-                for provider in ("dense", "merged", "fused", "eager"):
-                    merged = case.adapter.merged() if provider == "merged" else nullcontext()
-                    with merged:
-                        t = time(case.decode(provider, tokens), grad=False)
-                    dense_ms = dense_ms or t["median_ms"]
-                    ratio = t["median_ms"] / dense_ms
-                    rows.append(
-                        {
-                            **base,
-                            "tokens": tokens,
-                            "phase": "decode",
-                            "provider": provider,
-                            **t,
-                            "ratio_vs_dense": ratio,
-                        }
-                    )
+                with case.adapter.merged():  # "merged" runs as generate() would, inside the block
+                    t = time_all({p: case.decode(p, tokens) for p in decoders}, grad=False)
+                for provider in decoders:
+                    ratio = t[provider]["median_ms"] / t["dense"]["median_ms"]
+                    rows.append({**base, "tokens": tokens, "phase": "decode", "provider": provider,
+                                 **t[provider], "ratio_vs_dense": ratio})  # fmt: skip
                     if provider == "merged":
                         decode_ratios.append(ratio)
-                    bar.update()
-            bar.update()
+                bar.update()
             ds_flops = 2 * args.tokens * case.r * (d_in + d_out)
             svd = case.svd
             summary[shape] = {
@@ -291,7 +271,7 @@ def run(args) -> tuple[list[dict], dict]:
                 "w_mib": bytes_of(svd.base_weight) / 2**20,
                 "uvh_over_w": bytes_of(svd.U, svd.Vh) / bytes_of(svd.base_weight),
             }
-            del case
+            del case, fns
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     w_total = sum(s["w_mib"] * s["count_per_layer"] for s in summary.values())
@@ -377,7 +357,8 @@ def plot(rows: list[dict], summary: dict, env: dict, path: Path) -> None:
     ax1.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes)
     ax1.set_ylabel("time / dense (fwd: dense fwd; train: dense fwd+dX+dW)")
     ax1.set_title(f"T = {rows[0]['tokens']} tokens")
-    ax1.legend(fontsize=7)
+    ax1.margins(y=0.3)
+    ax1.legend(fontsize=7, ncol=3, loc="upper left")
     decode = [r for r in rows if r["phase"] == "decode"]
     for provider in ("merged", "fused", "eager"):
         tokens = sorted({r["tokens"] for r in decode})
