@@ -362,7 +362,7 @@ def test_kernels_compile_for_sm90():
         [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("shared") == 3 * 2 * (4 + 3)
+    assert proc.stdout.count("shared") == 2 * 2 * (4 + 3)  # dtype modes x row configs x variants
 
 
 # ---- bad input: clear errors before any launch -------------------------------------------------
