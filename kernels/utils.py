@@ -61,3 +61,31 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
         where = ", ".join(f"{k} on {v.device}" for k, v in present.items())
         raise ValueError(f"all tensors must be on one device, got {where}")
     return next(iter(devices))
+
+
+def check_factors(
+    U: torch.Tensor,
+    Vh: torch.Tensor,
+    S: torch.Tensor | None = None,
+    dS: torch.Tensor | None = None,
+    *,
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+    s_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64),
+    contiguous: bool = False,
+) -> tuple[int, int, int]:
+    """Check the SVD factors U [d_out, r] and Vh [r, d_in] (one dtype among `dtypes`) and, when
+    given, S [r] and dS [r] (among `s_dtypes`); return (d_out, r, d_in)."""
+    check_tensor(U, "U", dim=2, dtypes=dtypes, contiguous=contiguous)
+    check_tensor(Vh, "Vh", dim=2, dtypes=dtypes, contiguous=contiguous)
+    for name, t in (("S", S), ("dS", dS)):
+        if t is not None:
+            check_tensor(t, name, dim=1, dtypes=s_dtypes, contiguous=contiguous)
+    if U.dtype != Vh.dtype:
+        raise TypeError(f"U and Vh must share a dtype, got {U.dtype} and {Vh.dtype}")
+    d_out, r = U.shape
+    if Vh.shape[0] != r:
+        raise ValueError(f"U is {tuple(U.shape)} so Vh must have {r} rows, got {tuple(Vh.shape)}")
+    for name, t in (("S", S), ("dS", dS)):
+        if t is not None and t.shape[0] != r:
+            raise ValueError(f"{name} must have length r = {r}, got {tuple(t.shape)}")
+    return d_out, r, Vh.shape[1]

@@ -105,7 +105,9 @@ class SVDLinear(nn.Module):
         self._span = span
         self._merged: torch.Tensor | None = None
         self._merged_key: tuple | None = None
-        self.use_merged = False  # set by Adapter.merged(): plain dense forward, no dS gradient
+        # Set by Adapter.merged() to the merged weight: a plain dense forward, no dS gradient,
+        # and no per-call cache check (generation is launch-bound at small batch).
+        self.generation_weight: torch.Tensor | None = None
 
     @property
     def delta_S(self) -> torch.Tensor:
@@ -145,8 +147,8 @@ class SVDLinear(nn.Module):
         return self._merged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_merged:
-            return nn.functional.linear(x, self.merged_weight(), self.bias)
+        if self.generation_weight is not None:
+            return nn.functional.linear(x, self.generation_weight, self.bias)
         y = ops.svd_linear(
             x, self.U, self.S, self.delta_S, self.Vh, self.bias, weight=self.merged_weight()
         )
@@ -193,8 +195,15 @@ class SegmentGrads:
         lo, hi = module._span
 
         def on_grad(gy: torch.Tensor) -> None:
+            # The ids were range-checked once by Adapter.segment_grads: no host sync per module.
             g = ops.delta_grad(
-                x, gy, module.U, module.Vh, self.segment_ids, n_segments=self.n_segments
+                x,
+                gy,
+                module.U,
+                module.Vh,
+                self.segment_ids,
+                n_segments=self.n_segments,
+                check_ids=False,
             )
             self.packed[:, lo:hi] += g
 
@@ -303,7 +312,8 @@ class Adapter:
         """Capture per-segment dS gradients of every module from ONE backward.
 
         segment_ids: int64 [N], one id per token row (x.reshape(-1, d_in) of every wrapped Linear,
-        e.g. torch.arange(B).repeat_interleave(T) for a [B, T] batch). Run the forward AND the
+        e.g. torch.arange(B).repeat_interleave(T) for a [B, T] batch), in any order (contiguous
+        ids are the fast case of the Triton kernel), checked once here. Run the forward AND the
         backward inside the block; afterwards `.packed` [n_segments, R_total] holds each segment's
         gradient (their sum over segments is delta.grad's increment). Not for use with activation
         checkpointing, which would run the capturing forward twice.
@@ -313,9 +323,11 @@ class Adapter:
             raise RuntimeError("segment_grads() is already active on this adapter")
         if not isinstance(segment_ids, torch.Tensor) or segment_ids.dtype != torch.int64:
             raise TypeError("segment_ids must be an int64 tensor [N]")
-        segment_ids = segment_ids.to(self.delta.device)
-        if n_segments is None:
-            n_segments = int(segment_ids.max()) + 1 if segment_ids.numel() else 0
+        if segment_ids.dim() != 1:
+            raise ValueError(f"segment_ids must be 1-D [N], got shape {tuple(segment_ids.shape)}")
+        segment_ids = segment_ids.to(self.delta.device).contiguous()
+        # Check the ids once here (one host sync), so the per-module hooks skip the check.
+        n_segments = ops._check_segment_range(segment_ids, n_segments)
         capture = SegmentGrads(self, segment_ids, n_segments)
         self._store.capture = capture
         try:
@@ -328,17 +340,19 @@ class Adapter:
     def merged(self) -> Iterator[nn.Module]:
         """Run the model through dense merged weights (for generation); yields the model.
 
-        Each module merges W_eff = W + U diag(dS) Vh once and re-merges only when dS changed. No dS
+        Each module merges W_eff = W + U diag(dS) Vh on entry, re-merging only when dS changed since
+        its last merge (the merge kernel on CUDA); the forward is then a plain dense Linear with
+        no per-call check, so dS changed inside the block takes effect at the next entry. No dS
         gradient flows inside the block.
         """
         self._check_attached()
         for mod in self.modules.values():
-            mod.use_merged = True
+            mod.generation_weight = mod.merged_weight()
         try:
             yield self.model
         finally:
             for mod in self.modules.values():
-                mod.use_merged = False
+                mod.generation_weight = None
 
     def unwrap(self) -> nn.Module:
         """Put the original nn.Linear modules back (weights unchanged), restore every parameter's
