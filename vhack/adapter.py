@@ -149,13 +149,13 @@ class SVDLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.generation_weight is not None:
             return nn.functional.linear(x, self.generation_weight, self.bias)
-        y = ops.svd_linear(
+        capture = self._store.capture
+        if capture is not None and torch.is_grad_enabled():
+            weight = self.merged_weight()
+            return _CapturedLinear.apply(x, self.delta_S, weight, self.bias, self, capture)
+        return ops.svd_linear(
             x, self.U, self.S, self.delta_S, self.Vh, self.bias, weight=self.merged_weight()
         )
-        capture = self._store.capture
-        if capture is not None and y.requires_grad:
-            capture.hook(self, x, y)
-        return y
 
     def _apply(self, fn, recurse=True):
         S = self.S
@@ -169,6 +169,32 @@ class SVDLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}, dtype={self.U.dtype}"
         )
+
+
+class _CapturedLinear(torch.autograd.Function):
+    """SVDLinear inside Adapter.segment_grads(): the dense forward, and a backward that computes
+    the per-segment dS gradients ONCE, stores them, and returns their sum as the dS gradient
+    (instead of a summed reduction plus a second, per-segment one)."""
+
+    @staticmethod
+    def forward(ctx, x, dS, weight, bias, module, capture):
+        ctx.save_for_backward(x, weight)
+        ctx.module, ctx.capture = module, capture
+        ctx.has_bias = bias is not None
+        return nn.functional.linear(x, weight.to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        gx = g_dS = g_bias = None
+        if ctx.needs_input_grad[0]:
+            gx = (gy @ weight.to(gy.dtype)).to(x.dtype)
+        g = ctx.capture.add(ctx.module, x.detach(), gy)
+        if ctx.needs_input_grad[1]:
+            g_dS = g.sum(0)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            g_bias = gy.reshape(-1, gy.shape[-1]).sum(0)
+        return gx, g_dS, None, g_bias, None, None
 
 
 class SegmentGrads:
@@ -189,25 +215,22 @@ class SegmentGrads:
             for name, mod in adapter.modules.items()
         }
 
-    def hook(self, module: SVDLinear, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Register on y a hook that adds the per-segment dS gradient of `module` when gy arrives."""
-        x = x.detach()
+    def add(self, module: SVDLinear, x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+        """Add the per-segment dS gradient of `module` for input x and output gradient gy;
+        return it [n_segments, r]."""
+        # The ids were range-checked once by Adapter.segment_grads: no host sync per module.
+        g = ops.delta_grad(
+            x,
+            gy,
+            module.U,
+            module.Vh,
+            self.segment_ids,
+            n_segments=self.n_segments,
+            check_ids=False,
+        )
         lo, hi = module._span
-
-        def on_grad(gy: torch.Tensor) -> None:
-            # The ids were range-checked once by Adapter.segment_grads: no host sync per module.
-            g = ops.delta_grad(
-                x,
-                gy,
-                module.U,
-                module.Vh,
-                self.segment_ids,
-                n_segments=self.n_segments,
-                check_ids=False,
-            )
-            self.packed[:, lo:hi] += g
-
-        y.register_hook(on_grad)
+        self.packed[:, lo:hi] += g
+        return g
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.grads[name]
