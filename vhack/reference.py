@@ -119,7 +119,8 @@ def project_(
       reverse:  g' = g - 2 alpha V^T c       (reflects through span(V))
       measure:  g' = g                       (statistics only)
     preserve_magnitude rescales g' to |g| (left as is when |g'| = 0). Modules with ks[m] = 0, and
-    modules whose gradient is not finite, are left untouched (their statistics show the NaN/inf).
+    modules whose |g| or c is not finite (a NaN/inf gradient, or a non-finite basis block), are left
+    untouched (their statistics show the NaN/inf), so nothing non-finite spreads within a module.
     Returns float32 [M, 4] (float64 for float64 grads): |c|, |relu(c)|, |g| before, |g'| after.
     """
     if mode not in PROJECTION_MODES:
@@ -143,7 +144,8 @@ def project_(
         stats[m, 0] = torch.linalg.vector_norm(c)
         stats[m, 1] = torch.linalg.vector_norm(torch.relu(c))
         stats[m, 2] = norm_before
-        if mode == "measure" or k == 0 or not torch.isfinite(norm_before):
+        finite = torch.isfinite(norm_before) and torch.isfinite(stats[m, 0])
+        if mode == "measure" or k == 0 or not finite:
             stats[m, 3] = norm_before
             continue
         phi = {"hackward": torch.relu(c), "both": c, "reverse": 2.0 * c}[mode] * alpha
