@@ -7,10 +7,13 @@ and project the hack-ward part out of the dS gradient at every optimizer step. S
 from vhack import models, ops, reference
 from vhack._version import __version__
 from vhack.adapter import DEFAULT_TARGETS, Adapter, SegmentGrads, SVDLinear, wrap
+from vhack.project import Projector, ProjStats
 
 __all__ = [
     "DEFAULT_TARGETS",
     "Adapter",
+    "ProjStats",
+    "Projector",
     "SVDLinear",
     "SegmentGrads",
     "__version__",
