@@ -11,7 +11,8 @@
 // g is written back in place; stats [M, 4] float32 (allocated by the caller, so tests can poison
 // it) gets, per module, |c|, |relu(c)|, |g|, |g'| (|g'| measured on the values
 // written, before rounding to the gradient's dtype). Modules with k = 0, or whose |g| or c is not
-// finite, are left untouched (stats[m, 3] = |g|). preserve_magnitude rescales g' to |g|.
+// finite, are left untouched (stats[m, 3] = |g|). preserve_magnitude rescales g' to |g|
+// (unless |g'| <= 1e-5 |g|).
 //
 // The module's gradient is staged in a small per-worker buffer (r values, L1/L2-resident), so V is
 // streamed from memory twice per module at most (coefficients, then apply; rows with phi = 0 are
@@ -161,7 +162,9 @@ VHACK_INLINE void project_module(g_t* grad, const v_t* V, int64_t r, int64_t k, 
   }
   apply(buf, V, r, k, c, rows);
   acc_t nsq = sum_squares(buf, r);
-  if (preserve_magnitude && nsq > 0) {
+  // Rescale unless g lay in span(V) up to rounding (|g'| <= 1e-5 |g|, PRESERVE_MIN_RATIO of
+  // vhack.reference): stretching that residue to |g| would only amplify rounding noise.
+  if (preserve_magnitude && nsq > acc_t(1e-10) * gsq) {
     const acc_t scale = norm_before / std::sqrt(nsq);
     for (int64_t i = 0; i < r; ++i) buf[i] *= scale;
     nsq = sum_squares(buf, r);

@@ -33,6 +33,7 @@ from vhack.kernels.utils import check_same_device, check_tensor, empty, next_pow
 MODES = {"hackward": 0, "both": 1, "reverse": 2, "measure": 3}
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BASIS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
@@ -129,8 +130,8 @@ def _project_fused_kernel(
 
     norm_after = norm_before
     if MODE != 3:  # noqa: SIM102 (a constexpr test: the measure mode compiles no apply sweep)
-        # x * 0 == 0 is False exactly for NaN and +-inf: a module is projected only when finite.
-        if (k > 0) & (gsq * 0.0 == 0.0) & (csq * 0.0 == 0.0):
+        # x < inf is False exactly for NaN and inf: a module is projected only when finite.
+        if (k > 0) & (gsq < _INF) & (csq < _INF):
             if MODE == 0:
                 phi = relu_c * alpha
             elif MODE == 1:
@@ -141,8 +142,9 @@ def _project_fused_kernel(
                 nsq = _project_apply(
                     grad_ptr, basis_ptr, lo, b0, r, k, phi, 1.0, False, True, K_PAD, BLOCK_R
                 )
-                safe = tl.where(nsq > 0.0, nsq, 1.0)  # a zero g' keeps scale 1 (no 0/0)
-                scale = tl.where(nsq > 0.0, norm_before / tl.sqrt(safe), 1.0)
+                # no rescale when |g'| <= 1e-5 |g| (reference.PRESERVE_MIN_RATIO): g lay in span(V)
+                rescale = nsq > 1e-10 * gsq
+                scale = tl.where(rescale, norm_before / tl.sqrt(tl.where(rescale, nsq, 1.0)), 1.0)
                 nsq = _project_apply(
                     grad_ptr, basis_ptr, lo, b0, r, k, phi, scale, True, False, K_PAD, BLOCK_R
                 )

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vhack.kernels.utils import empty
+from vhack.reference import PRESERVE_MIN_RATIO
 
 __all__ = ["ProjectionLayout", "layout_for", "project_torch_"]
 
@@ -193,7 +194,8 @@ def project_torch_(
             new = torch.baddbmm(g.unsqueeze(1), phi.unsqueeze(1), V, alpha=-1).squeeze(1)
             after = (new * new).sum(1)
             if preserve_magnitude:
-                scale = torch.where(after > 0, gsq.sqrt() / after.sqrt(), 1.0)
+                rescale = after > PRESERVE_MIN_RATIO**2 * gsq
+                scale = torch.where(rescale, gsq.sqrt() / after.sqrt(), 1.0)
                 new = new * scale[:, None]
                 after = (new * new).sum(1)
             ok = torch.isfinite(gsq) & torch.isfinite(csq)

@@ -419,18 +419,26 @@ def _project_op(
     basis: torch.Tensor,
     basis_offsets: torch.Tensor,
     ks: torch.Tensor,
-    mode: str,
+    projection_mode: str,  # not "mode": torch's mode redirection passes a keyword of that name
     alpha: float,
     preserve_magnitude: bool,
     backend: str,
 ) -> torch.Tensor:
     return _project_impl(
-        grad, offsets, basis, basis_offsets, ks, mode, alpha, preserve_magnitude, backend
+        grad,
+        offsets,
+        basis,
+        basis_offsets,
+        ks,
+        projection_mode,
+        alpha,
+        preserve_magnitude,
+        backend,
     )
 
 
 @_project_op.register_fake
-def _(grad, offsets, basis, basis_offsets, ks, mode, alpha, preserve_magnitude, backend):
+def _(grad, offsets, basis, basis_offsets, ks, projection_mode, alpha, preserve, backend):
     return grad.new_empty((offsets.shape[0] - 1, 4), dtype=torch.float32)
 
 
