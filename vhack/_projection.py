@@ -184,24 +184,25 @@ def project_torch_(
     for grp, V in zip(layout.groups(grad.device), layout.basis_blocks(basis, ct), strict=True):
         n = grp.modules.numel()
         g = grad.index_select(0, grp.index).to(ct).reshape(n, grp.r)
-        gsq = (g * g).sum(1)
-        c = torch.bmm(V, g.unsqueeze(2)).squeeze(2)  # [n, k]
-        relu_c = c.clamp_min(0)
-        csq = (c * c).sum(1)
-        nsq = gsq
+        norm_g = torch.linalg.vector_norm(g, dim=1)
+        # c [n, k] as row vector x V^T: on CPU this form runs ~7x faster than bmm(V, g[..., None])
+        c = torch.bmm(g.unsqueeze(1), V.mT).squeeze(1)
+        relu_c = c.clamp_min(0)  # keeps a NaN
+        norm_c = torch.linalg.vector_norm(c, dim=1)
+        after = norm_g
         if project and grp.k > 0:
             phi = {"hackward": relu_c, "both": c, "reverse": 2.0 * c}[mode] * alpha
             new = torch.baddbmm(g.unsqueeze(1), phi.unsqueeze(1), V, alpha=-1).squeeze(1)
-            after = (new * new).sum(1)
+            norm_new = torch.linalg.vector_norm(new, dim=1)
             if preserve_magnitude:
-                rescale = after > PRESERVE_MIN_RATIO**2 * gsq
-                scale = torch.where(rescale, gsq.sqrt() / after.sqrt(), 1.0)
-                new = new * scale[:, None]
-                after = (new * new).sum(1)
-            ok = torch.isfinite(gsq) & torch.isfinite(csq)
-            new = torch.where(ok[:, None], new, g)
-            nsq = torch.where(ok, after, gsq)
-            grad.index_copy_(0, grp.index, new.reshape(-1).to(grad.dtype))
-        rows = torch.stack([csq, (relu_c * relu_c).sum(1), gsq, nsq], 1).sqrt()
+                rescale = norm_new > PRESERVE_MIN_RATIO * norm_g
+                new = new * torch.where(rescale, norm_g / norm_new, 1.0)[:, None]
+                norm_new = torch.linalg.vector_norm(new, dim=1)
+            ok = torch.isfinite(norm_g) & torch.isfinite(norm_c)
+            grad.index_copy_(
+                0, grp.index, torch.where(ok[:, None], new, g).reshape(-1).to(grad.dtype)
+            )
+            after = torch.where(ok, norm_new, norm_g)
+        rows = torch.stack([norm_c, torch.linalg.vector_norm(relu_c, dim=1), norm_g, after], 1)
         stats.index_copy_(0, grp.modules, rows.to(torch.float32))
     return stats
