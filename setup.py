@@ -45,6 +45,10 @@ def extension_build():
             try:
                 super().build_extension(ext)
             except Exception as err:
+                # A library left by an earlier build in build/ must not be shipped instead.
+                stale = self.get_ext_fullpath(ext.name)
+                if os.path.exists(stale):
+                    os.remove(stale)
                 print(
                     f"WARNING: vhack C++ extension {ext.name} failed to build ({err}); the "
                     "torch CPU path will be used",
