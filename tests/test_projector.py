@@ -365,7 +365,7 @@ def _leak_per_step(adapter, model, basis, ids, where, steps):
 
 
 @pytest.mark.slow
-def test_update_mode_closes_the_adam_leak(capsys):
+def test_update_mode_closes_the_adam_leak():
     """Grad mode: every gradient projected, yet Adam's moments and per-coordinate scaling leave a
     hack-promoting component in the parameter change. Update mode removes it at every step."""
     torch.manual_seed(0)
@@ -378,10 +378,9 @@ def test_update_mode_closes_the_adam_leak(capsys):
         for where in (None, "grad", "update")
     }
     grad_leak, update_leak = leaks["grad"], leaks["update"]
-    with capsys.disabled():
-        print("\nAdam, hack-promoting fraction |relu(-V Delta)|/|Delta| of each step's change:")
-        for where, values in leaks.items():
-            print(f"  {where or 'unprojected':>11}: " + " ".join(f"{x:.2e}" for x in values))
+    print("Adam, hack-promoting fraction |relu(-V Delta)|/|Delta| of each step's change:")
+    for where, values in leaks.items():  # shown with pytest -s (numbers in bench/PROJECT_NOTES.md)
+        print(f"  {where or 'unprojected':>11}: " + " ".join(f"{x:.2e}" for x in values))
     assert min(grad_leak) > 1e-2  # measurable at every step
     assert max(update_leak) < 1e-5  # ~0 after every step (float32 rounding of delta)
 

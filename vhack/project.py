@@ -87,6 +87,10 @@ class ProjStats:
     def fired(self) -> float:
         return self._summary[1]
 
+    def all_finite(self) -> bool:
+        """True when every module's gradient and coefficients were finite."""
+        return bool(torch.isfinite(self.raw[:, [0, 2]]).all())
+
     @property
     def nonfinite(self) -> list[str]:
         """Names of the modules whose gradient (or coefficients) were not finite: left untouched."""
@@ -278,7 +282,7 @@ class Projector:
 
     def _finish(self, stats: ProjStats) -> ProjStats:
         self.last_stats = stats
-        if self.on_nonfinite != "ignore":
+        if self.on_nonfinite != "ignore" and not stats.all_finite():  # one synchronisation
             bad = stats.nonfinite
             if bad:
                 message = (
@@ -318,7 +322,7 @@ class Projector:
             if mode != "measure":
                 self._armed = False
                 torch.sub(snap, work, out=delta.data)
-                if self.on_nonfinite != "ignore" and stats.nonfinite:
+                if self.on_nonfinite != "ignore" and not stats.all_finite():
                     bad = ~torch.isfinite(stats.raw[:, [0, 2]]).all(1)
                     ranks = torch.tensor(self.adapter.ranks, device=delta.device)
                     mask = bad.repeat_interleave(ranks, output_size=delta.numel())
