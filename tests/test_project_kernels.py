@@ -103,7 +103,7 @@ def module_sets(draw, max_r, max_modules):
 
 
 @pytest.mark.parametrize("backend, max_r, max_modules", BACKENDS)
-@settings(max_examples=max(40, settings().max_examples))  # cheap: more than the CI default
+@settings(max_examples=max(100, settings().max_examples))  # cheap: more than the CI default
 @given(data=st.data())
 def test_matches_reference(backend, max_r, max_modules, data):
     rs, ks, stored, absent, zero = data.draw(module_sets(max_r, max_modules), label="modules")

@@ -320,6 +320,9 @@ def test_update_rule_sign(adapter):
     stats = proj.project_(update)
     assert_close(update[:2], torch.tensor([0.0, 0.4]), rtol=0, atol=1e-7)
     assert stats.cin[0] == pytest.approx(0.3 / 0.5, rel=1e-6)  # |relu(-V Delta)| / |Delta|
+    as_dict = {"q_proj": promoting[:8].clone()}  # research-style input: the same rule
+    proj.project_(as_dict)
+    assert_close(as_dict["q_proj"], update[:8], rtol=0, atol=0)
     literal = promoting.clone()
     vhack.Projector(adapter, {"q_proj": v}).project_(literal)  # the gradient rule on Delta
     assert torch.equal(literal, promoting)  # ... keeps exactly the hack-promoting part
