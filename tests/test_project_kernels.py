@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from helpers import TOLERANCES, assert_close, random_orthonormal_rows
+from helpers import TOLERANCES, assert_close, random_orthonormal_rows, record_launches
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -191,15 +191,7 @@ def test_nonfinite_module_is_left_alone_and_reported(backend):
 def test_exactly_one_triton_launch_per_call(monkeypatch):
     from vhack.kernels import project as kernels
 
-    launches = []
-    real = kernels._project_fused_kernel
-
-    class Counting:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(kernels, "_project_fused_kernel", Counting())
+    launches = record_launches(monkeypatch, kernels, "_project_fused_kernel")
     for n_modules in (1, 9, 60):
         rs = [(7 * m) % 40 + 1 for m in range(n_modules)]
         tensors = make_set(rs, [min(3, r) for r in rs], seed=n_modules)

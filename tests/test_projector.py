@@ -4,7 +4,7 @@ research-code style inputs and bad input. Numbers are checked against vhack.refe
 
 import pytest
 import torch
-from helpers import TOLERANCES, assert_close, random_orthonormal_rows
+from helpers import TOLERANCES, assert_close, random_orthonormal_rows, record_launches
 from torch import nn
 
 import vhack
@@ -406,15 +406,7 @@ def test_update_mode_restores_modules_with_a_nonfinite_update(adapter):
 def test_projector_is_one_triton_launch(adapter, monkeypatch):
     from vhack.kernels import project as kernels
 
-    launches = []
-    real = kernels._project_fused_kernel
-
-    class Counting:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(kernels, "_project_fused_kernel", Counting())
+    launches = record_launches(monkeypatch, kernels, "_project_fused_kernel")
     basis = make_basis(adapter)
     grad = torch.randn(adapter.delta.numel(), generator=torch.Generator().manual_seed(9))
     adapter.delta.grad = grad.clone()
