@@ -14,6 +14,7 @@ import torch
 from helpers import TOLERANCES, assert_close, random_orthonormal_rows, record_launches
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import vhack
 from vhack import _projection, ops, reference
@@ -306,6 +307,10 @@ def test_traced_by_torch_compile_and_opcheck():
     stats = torch.compile(step, backend="aot_eager", fullgraph=True)(compiled)
     assert_close(compiled, expected, rtol=1e-6, atol=1e-6)
     assert_close(stats, expected_stats, rtol=1e-6, atol=1e-6)
+    # shape propagation without data (fake grad, real index tensors): the fake implementation
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+        stats = step(fake.from_tensor(grad))
+    assert stats.shape == (3, 4) and stats.dtype == torch.float32
     torch.library.opcheck(
         ops._project_op,
         (grad.clone(), offsets, basis, basis_offsets, kt, "both", 1.0, False, "torch"),

@@ -464,12 +464,12 @@ def project_(
 
     The layout's values are checked once per (offsets, basis_offsets, ks) tensors and cached
     (keyed by their identity and version): reuse the same index tensors across calls and the call
-    makes no host synchronisation. Under torch.compile the call goes through the custom op
-    `torch.ops.vhack.project_` (grad declared mutated).
+    makes no host synchronisation. Under torch.compile (and for fake or other tensor subclasses)
+    the call goes through the custom op `torch.ops.vhack.project_` (grad declared mutated).
     """
     device = _check_project(grad, offsets, basis, basis_offsets, ks, mode, alpha)
     chosen = _project_backend(backend, device, grad, basis)
     args = (grad, offsets, basis, basis_offsets, ks, mode, float(alpha), bool(preserve_magnitude))
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:  # traced, or fake
         return _project_op(*args, chosen)
     return _project_impl(*args, chosen)
