@@ -55,3 +55,18 @@ def random_orthonormal_rows(k: int, r: int, generator: torch.Generator | None = 
     """[k, r] float64 with orthonormal rows (k <= r)."""
     q, _ = torch.linalg.qr(torch.randn(r, k, dtype=torch.float64, generator=generator))
     return q.T.contiguous()
+
+
+def record_launches(monkeypatch, module, kernel_name: str) -> list:
+    """Replace the Triton kernel `module.kernel_name` by a wrapper that records the grid of every
+    launch (`kernel[grid](...)`) and then launches the real kernel; return the (live) list."""
+    launches = []
+    real = getattr(module, kernel_name)
+
+    class Recording:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(module, kernel_name, Recording())
+    return launches

@@ -223,3 +223,23 @@ def test_paired_difference_basis_tau_axis_and_small_n():
     assert torch.equal(V0, torch.zeros_like(V0)) and torch.equal(sv0, torch.zeros_like(sv0))
     with pytest.raises(ValueError, match="n_pairs, r"):
         reference.paired_difference_basis(hack, clean[:2], top_k=2)
+
+
+def test_project_nonfinite_basis_block_leaves_module_untouched():
+    """A NaN in a module's basis (finite gradient) must not spread into that module's gradient."""
+    grad, offsets, basis, basis_offsets, kt, _ = _module_set([4, 4], [2, 2])
+    basis[1] = float("nan")  # module 0's first row
+    before = grad.clone()
+    stats = reference.project_(grad, offsets, basis, basis_offsets, kt, "both")
+    assert torch.equal(grad[:4], before[:4]) and torch.isnan(stats[0, 0])
+    assert stats[0, 3] == stats[0, 2] and not torch.equal(grad[4:], before[4:])
+
+
+def test_project_preserve_magnitude_leaves_a_gradient_inside_the_span():
+    """g in span(V): g' is rounding residue, which is not stretched back to |g|."""
+    grad, offsets, basis, basis_offsets, kt, blocks = _module_set([6], [2])
+    grad[:] = 3.0 * blocks[0][0] - 2.0 * blocks[0][1]
+    stats = reference.project_(
+        grad, offsets, basis, basis_offsets, kt, "both", preserve_magnitude=True
+    )
+    assert grad.abs().max() < 1e-12 and stats[0, 3] < 1e-12

@@ -10,12 +10,15 @@ from vhack.adapter import DEFAULT_TARGETS, Adapter, SegmentGrads, SVDLinear, wra
 from vhack.basis import HackBasis
 from vhack.extract import extract, load_or_extract
 from vhack.pairs import Pair, builtin_pairs, load_pairs
+from vhack.project import Projector, ProjStats
 
 __all__ = [
     "DEFAULT_TARGETS",
     "Adapter",
     "HackBasis",
     "Pair",
+    "ProjStats",
+    "Projector",
     "SVDLinear",
     "SegmentGrads",
     "__version__",

@@ -21,11 +21,13 @@ from functools import cache
 import torch
 
 from vhack import reference
+from vhack._projection import layout_for, project_torch_
 from vhack.kernels.utils import (
     FLOAT_DTYPES,
     check_factors,
     check_same_device,
     check_tensor,
+    empty,
     interpreter_enabled,
 )
 
@@ -38,7 +40,7 @@ _IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "svd_linear": ("reference", "torch", "triton"),
     "delta_grad": ("reference", "torch", "triton"),
     "merge_weight": ("reference", "torch", "triton"),
-    "project_": ("reference", "torch"),
+    "project_": ("reference", "torch", "triton", "cpp"),
 }
 # Preferred order per device type; the first implemented and available backend wins.
 _PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
@@ -649,6 +651,9 @@ def merge_weight(
 # ----------------------------------------------------------------------------------------------
 # project_
 # ----------------------------------------------------------------------------------------------
+# All four backends: "reference" (the oracle), "torch" (vectorised, vhack._projection), "cpp"
+# (torch.ops.vhack_cpp.project_ from vhack._C: the CPU default when built) and "triton" (ONE launch
+# of vhack.kernels.project for every module: the CUDA default).
 
 
 def _check_project(grad, offsets, basis, basis_offsets, ks, mode, alpha):
@@ -661,6 +666,8 @@ def _check_project(grad, offsets, basis, basis_offsets, ks, mode, alpha):
         raise ValueError(f"mode must be one of {reference.PROJECTION_MODES}, got {mode!r}")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
         raise TypeError(f"alpha must be a Python number, got {type(alpha).__name__}")
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}")
     n_modules = offsets.shape[0] - 1
     if n_modules < 0:
         raise ValueError("offsets must have M + 1 >= 1 entries")
@@ -669,9 +676,92 @@ def _check_project(grad, offsets, basis, basis_offsets, ks, mode, alpha):
             f"offsets has {n_modules + 1} entries (M = {n_modules}), so basis_offsets needs "
             f"{n_modules + 1} and ks {n_modules}; got {basis_offsets.shape[0]} and {ks.shape[0]}"
         )
+    if grad.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "project_ modifies grad in place, but grad requires grad: pass a gradient "
+            "(param.grad) or a detached tensor, or call it under torch.no_grad()"
+        )
     return check_same_device(
         grad=grad, offsets=offsets, basis=basis, basis_offsets=basis_offsets, ks=ks
     )
+
+
+def _project_backend(backend: str | None, device: torch.device, grad, basis) -> str:
+    """The backend for project_; float64 stays off the Triton kernel (float32 accumulation) unless
+    backend='triton' is asked for explicitly, which is then refused."""
+    chosen = _resolve_backend("project_", backend, device)
+    if chosen == "triton" and torch.float64 in (grad.dtype, basis.dtype):
+        if backend == "triton":
+            raise TypeError(
+                "project_: backend='triton' takes float32/bfloat16/float16 grad and basis (it "
+                "accumulates in float32); use backend='torch' or 'cpp' for float64"
+            )
+        return "torch"
+    return chosen
+
+
+def _project_impl(grad, offsets, basis, basis_offsets, ks, mode, alpha, preserve, backend):
+    """Run project_ on a resolved backend; inputs already checked. Returns float32 [M, 4]."""
+    grad = grad.detach()
+    layout = layout_for(offsets, basis_offsets, ks, grad.numel(), basis.numel())
+    if backend == "reference":
+        return reference.project_(
+            grad, offsets, basis, basis_offsets, ks, mode, alpha, preserve
+        ).float()
+    if backend == "triton":
+        from vhack.kernels import project as kernels
+
+        return kernels.project_(
+            grad,
+            offsets,
+            basis,
+            basis_offsets,
+            ks,
+            layout.order,
+            layout.k_max,
+            mode,
+            alpha,
+            preserve,
+        )
+    if backend == "cpp":
+        if basis.dtype not in (torch.float32, torch.float64):
+            basis = basis.float()  # the C++ op reads float32/float64 bases
+        stats = empty((layout.n_modules, 4), torch.float32, grad.device)
+        torch.ops.vhack_cpp.project_(
+            grad, offsets, basis, basis_offsets, ks, stats, mode, alpha, preserve
+        )
+        return stats
+    return project_torch_(grad, basis, layout, mode, alpha, preserve)
+
+
+@torch.library.custom_op("vhack::project_", mutates_args=("grad",))
+def _project_op(
+    grad: torch.Tensor,
+    offsets: torch.Tensor,
+    basis: torch.Tensor,
+    basis_offsets: torch.Tensor,
+    ks: torch.Tensor,
+    projection_mode: str,  # not "mode": torch's mode redirection passes a keyword of that name
+    alpha: float,
+    preserve_magnitude: bool,
+    backend: str,
+) -> torch.Tensor:
+    return _project_impl(
+        grad,
+        offsets,
+        basis,
+        basis_offsets,
+        ks,
+        projection_mode,
+        alpha,
+        preserve_magnitude,
+        backend,
+    )
+
+
+@_project_op.register_fake
+def _(grad, offsets, basis, basis_offsets, ks, projection_mode, alpha, preserve, backend):
+    return grad.new_empty((offsets.shape[0] - 1, 4), dtype=torch.float32)
 
 
 def project_(
@@ -688,13 +778,20 @@ def project_(
 ) -> torch.Tensor:
     """Project every module's slice of the packed gradient in place; return float32 stats [M, 4].
 
-    grad [R_total] packed (float32/bfloat16/float16), modified in place; offsets int64 [M + 1];
-    basis packed, module m's row-major k_max_m x r_m block at basis[basis_offsets[m]:
-    basis_offsets[m+1]]; ks int64 [M] rows to use (0 = not projected). See
+    grad [R_total] packed (float32/bfloat16/float16; float64 off the Triton path), modified in
+    place; offsets int64 [M + 1]; basis packed, module m's row-major k_max_m x r_m block at
+    basis[basis_offsets[m]:basis_offsets[m+1]]; ks int64 [M] rows to use (0 = not projected). See
     `vhack.reference.project_` for the modes; stats columns: |Vg|, |relu(Vg)|, |g| before, after.
+    Modules with a non-finite |g| (or c) are left untouched and show it in their stats.
+
+    The layout's values are checked once per (offsets, basis_offsets, ks) tensors and cached
+    (keyed by their identity and version): reuse the same index tensors across calls and the call
+    makes no host synchronisation. Under torch.compile (and for fake or other tensor subclasses)
+    the call goes through the custom op `torch.ops.vhack.project_` (grad declared mutated).
     """
     device = _check_project(grad, offsets, basis, basis_offsets, ks, mode, alpha)
-    _resolve_backend("project_", backend, device)
-    return reference.project_(
-        grad, offsets, basis, basis_offsets, ks, mode, float(alpha), preserve_magnitude
-    ).float()
+    chosen = _project_backend(backend, device, grad, basis)
+    args = (grad, offsets, basis, basis_offsets, ks, mode, float(alpha), bool(preserve_magnitude))
+    if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:  # traced, or fake
+        return _project_op(*args, chosen)
+    return _project_impl(*args, chosen)

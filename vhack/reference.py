@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "PRESERVE_MIN_RATIO",
     "PROJECTION_MODES",
     "delta_grad",
     "merge_weight",
@@ -23,6 +24,9 @@ __all__ = [
 ]
 
 PROJECTION_MODES = ("hackward", "both", "reverse", "measure")
+# preserve_magnitude leaves g' as is when |g'| <= PRESERVE_MIN_RATIO |g| (see project_). Every
+# backend uses this value (csrc/project.cpp and kernels/project.py repeat it).
+PRESERVE_MIN_RATIO = 1e-5
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -118,8 +122,11 @@ def project_(
       both:     g' = g - alpha V^T c         (removes span(V))
       reverse:  g' = g - 2 alpha V^T c       (reflects through span(V))
       measure:  g' = g                       (statistics only)
-    preserve_magnitude rescales g' to |g| (left as is when |g'| = 0). Modules with ks[m] = 0, and
-    modules whose gradient is not finite, are left untouched (their statistics show the NaN/inf).
+    preserve_magnitude rescales g' to |g|, except when |g'| <= PRESERVE_MIN_RATIO |g| (g lies in
+    span(V) up to rounding: rescaling that residue would blow rounding noise up to |g|). Modules
+    with ks[m] = 0, and modules whose |g| or c is not finite (a NaN/inf gradient, or a non-finite
+    basis block), are left untouched (their statistics show the NaN/inf), so nothing non-finite
+    spreads within a module.
     Returns float32 [M, 4] (float64 for float64 grads): |c|, |relu(c)|, |g| before, |g'| after.
     """
     if mode not in PROJECTION_MODES:
@@ -143,13 +150,14 @@ def project_(
         stats[m, 0] = torch.linalg.vector_norm(c)
         stats[m, 1] = torch.linalg.vector_norm(torch.relu(c))
         stats[m, 2] = norm_before
-        if mode == "measure" or k == 0 or not torch.isfinite(norm_before):
+        finite = torch.isfinite(norm_before) and torch.isfinite(stats[m, 0])
+        if mode == "measure" or k == 0 or not finite:
             stats[m, 3] = norm_before
             continue
         phi = {"hackward": torch.relu(c), "both": c, "reverse": 2.0 * c}[mode] * alpha
         g_new = g - V.T @ phi
         norm_after = torch.linalg.vector_norm(g_new)
-        if preserve_magnitude and norm_after > 0:
+        if preserve_magnitude and norm_after > PRESERVE_MIN_RATIO * norm_before:
             g_new = g_new * (norm_before / norm_after)
             norm_after = torch.linalg.vector_norm(g_new)
         stats[m, 3] = norm_after

@@ -1,0 +1,419 @@
+"""vhack.Projector and ProjStats: basis forms, statistics, grad and update modes, optimizer hooks,
+research-code style inputs and bad input. Numbers are checked against vhack.reference.project_
+(float64; float32 tolerances rtol 1e-4, atol 1e-5 as in helpers.TOLERANCES)."""
+
+import pytest
+import torch
+from helpers import TOLERANCES, assert_close, random_orthonormal_rows, record_launches
+from torch import nn
+
+import vhack
+from vhack import reference
+
+F64 = torch.float64
+TOL = dict(zip(("rtol", "atol"), TOLERANCES[torch.float32], strict=True))
+
+
+class Toy(nn.Module):
+    """Four target Linears of ranks 8, 5, 8, 3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.q_proj = nn.Linear(12, 8)
+        self.k_proj = nn.Linear(12, 5)
+        self.up_proj = nn.Linear(8, 20)
+        self.gate_proj = nn.Linear(3, 7)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g)
+
+
+@pytest.fixture
+def adapter():
+    return vhack.wrap(Toy(), use_cache=False, progress=False)
+
+
+def make_basis(adapter, ks=None, seed=0, skip=("gate_proj",)):
+    """{name: V [k, r] float32} with orthonormal rows; modules in `skip` are absent."""
+    g = torch.Generator().manual_seed(seed)
+    ks = ks or {"q_proj": 3, "k_proj": 2, "up_proj": 4, "gate_proj": 1}
+    return {
+        n: random_orthonormal_rows(ks[n], r, g).float()
+        for n, r in zip(adapter.names, adapter.ranks, strict=True)
+        if n not in skip
+    }
+
+
+def reference_projection(adapter, basis, grad, mode="hackward", alpha=1.0, preserve=False):
+    blocks = [basis[n].double() if n in basis else None for n in adapter.names]
+    flat, boff, ks = vhack.packing.pack_blocks(blocks, adapter.ranks, dtype=F64)
+    out = grad.double().clone()
+    stats = reference.project_(out, adapter.offsets, flat, boff, ks, mode, alpha, preserve)
+    return out, stats
+
+
+class DuckBasis:
+    """What vhack.HackBasis offers the Projector: .names and .V(name)."""
+
+    def __init__(self, blocks: dict) -> None:
+        self._blocks = blocks
+        self.names = list(blocks)
+
+    def V(self, name: str) -> torch.Tensor:
+        return self._blocks[name]
+
+
+@pytest.mark.parametrize("mode", reference.PROJECTION_MODES)
+def test_project_matches_reference_and_stats(adapter, mode):
+    basis = make_basis(adapter)
+    grad = torch.randn(adapter.delta.numel(), generator=torch.Generator().manual_seed(1))
+    adapter.delta.grad = grad.clone()
+    proj = vhack.Projector(adapter, basis, mode=mode, alpha=0.8)
+    stats = proj.project_()
+    expected, ref_stats = reference_projection(adapter, basis, grad, mode, 0.8)
+    assert_close(adapter.delta.grad, expected, **TOL, name="grad")
+    assert_close(stats.raw, ref_stats, **TOL, name="raw")
+    assert stats.names == adapter.names and proj.last_stats is stats
+    num = ref_stats[:, 1] if mode == "hackward" else ref_stats[:, 0]
+    cin = num / ref_stats[:, 2]
+    assert_close(stats.cin, cin, **TOL, name="cin")
+    projected = torch.tensor([n in basis for n in adapter.names])
+    assert stats.cin[~projected].eq(0).all()  # gate_proj: no basis rows, cin 0
+    assert stats.cin_mean == pytest.approx(cin[projected].mean().item(), rel=1e-5)
+    assert stats.fired == pytest.approx((cin[projected] > 1e-6).double().mean().item())
+    summary = stats.as_dict()
+    assert summary["norm_before"] == pytest.approx(grad.norm().item(), rel=1e-5)
+    assert "cin_mean" in repr(stats)
+
+
+def test_basis_forms_agree_and_k_slices(adapter):
+    basis = make_basis(adapter, ks={"q_proj": 4, "k_proj": 3, "up_proj": 4, "gate_proj": 2})
+    grad = torch.randn(adapter.delta.numel(), generator=torch.Generator().manual_seed(2))
+    results = []
+    research_file = {**basis, **{f"_sv/{n}": torch.ones(V.shape[0]) for n, V in basis.items()}}
+    for form in (basis, DuckBasis(basis), research_file):
+        target = grad.clone()
+        vhack.Projector(adapter, form, k=2).project_(target)
+        results.append(target)
+    expected, _ = reference_projection(adapter, {n: V[:2] for n, V in basis.items()}, grad)
+    for got in results:
+        assert_close(got, expected, **TOL)
+    assert vhack.Projector(adapter, basis, k=2).ks == [2, 2, 2, 0]
+    assert vhack.Projector(adapter, basis).ks == [4, 3, 4, 0]
+
+
+def test_zero_rows_zero_gradient_and_measure(adapter):
+    basis = make_basis(adapter)
+    basis["q_proj"][1] = 0.0  # an axis zeroed by tau_axis at extraction: legal
+    proj = vhack.Projector(adapter, basis)
+    grad = torch.randn(adapter.delta.numel(), generator=torch.Generator().manual_seed(3))
+    grad[adapter.offsets[1] : adapter.offsets[2]] = 0  # k_proj: zero gradient
+    adapter.delta.grad = grad.clone()
+    measured = proj.measure()
+    assert torch.equal(adapter.delta.grad, grad)  # measure changes nothing
+    stats = proj.project_()
+    assert_close(measured.raw[:, :3], stats.raw[:, :3], rtol=0, atol=0)
+    assert torch.equal(stats.raw[1], torch.zeros(4)) and stats.cin[1] == 0  # not NaN
+    assert_close(adapter.delta.grad, reference_projection(adapter, basis, grad)[0], **TOL)
+
+
+def test_dict_gradients_are_packed_and_written_back(adapter):
+    basis = make_basis(adapter)
+    g = torch.Generator().manual_seed(4)
+    grads = {
+        n: torch.randn(r, generator=g) for n, r in zip(adapter.names, adapter.ranks, strict=True)
+    }
+    del grads["k_proj"]  # absent: counted as zero, not written
+    packed = torch.cat(
+        [grads.get(n, torch.zeros(r)) for n, r in zip(adapter.names, adapter.ranks, strict=True)]
+    )
+    originals = {n: t.clone() for n, t in grads.items()}
+    stats = vhack.Projector(adapter, basis).project_(grads)
+    expected, ref_stats = reference_projection(adapter, basis, packed)
+    assert_close(stats.raw, ref_stats, **TOL)
+    for m, name in enumerate(adapter.names):
+        if name in grads:
+            lo, hi = int(adapter.offsets[m]), int(adapter.offsets[m + 1])
+            assert_close(grads[name], expected[lo:hi], **TOL, name=name)
+            assert not torch.equal(grads[name], originals[name]) or name == "gate_proj"
+    assert stats.raw[1, 2] == 0
+
+
+def test_preserve_magnitude(adapter):
+    basis = make_basis(adapter)
+    grad = torch.randn(adapter.delta.numel(), generator=torch.Generator().manual_seed(5))
+    target = grad.clone()
+    stats = vhack.Projector(adapter, basis, mode="both", preserve_magnitude=True).project_(target)
+    assert_close(stats.raw[:, 3], stats.raw[:, 2], **TOL)
+    expected, _ = reference_projection(adapter, basis, grad, "both", preserve=True)
+    assert_close(target, expected, **TOL)
+
+
+def test_bfloat16_dict_gradients(adapter):
+    basis = make_basis(adapter)
+    g = torch.Generator().manual_seed(6)
+    grads = {
+        n: torch.randn(r, generator=g).bfloat16()
+        for n, r in zip(adapter.names, adapter.ranks, strict=True)
+    }
+    packed = torch.cat(list(grads.values()))
+    vhack.Projector(adapter, basis).project_(grads)
+    expected, _ = reference_projection(adapter, basis, packed)
+    rtol, atol = TOLERANCES[torch.bfloat16]
+    assert_close(torch.cat(list(grads.values())), expected.bfloat16(), rtol=rtol, atol=atol)
+
+
+# ---- non-finite gradients ---------------------------------------------------------------------
+
+
+def test_nonfinite_gradient_is_named_and_contained(adapter):
+    basis = make_basis(adapter)
+    grad = torch.randn(adapter.delta.numel(), generator=torch.Generator().manual_seed(7))
+    clean, _ = reference_projection(adapter, basis, grad)
+    grad[int(adapter.offsets[2]) + 1] = float("nan")  # up_proj
+    lo, hi = int(adapter.offsets[2]), int(adapter.offsets[3])
+
+    target = grad.clone()
+    with pytest.raises(RuntimeError, match=r"non-finite dS gradient in 1 module\(s\): up_proj"):
+        vhack.Projector(adapter, basis).project_(target)
+    assert torch.equal(target[lo:hi].isnan(), grad[lo:hi].isnan())  # left as it was
+    assert_close(target[:lo], clean[:lo], **TOL)  # the others projected
+    assert_close(target[hi:], clean[hi:], **TOL)
+
+    with pytest.warns(RuntimeWarning, match="up_proj"):
+        vhack.Projector(adapter, basis, on_nonfinite="warn").project_(grad.clone())
+    stats = vhack.Projector(adapter, basis, on_nonfinite="ignore").project_(grad.clone())
+    assert stats.nonfinite == ["up_proj"] and stats.cin[2].isnan()
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+def _bad_bases(adapter):
+    good = make_basis(adapter)
+    skewed = dict(good)
+    skewed["q_proj"] = good["q_proj"] * 1.01
+    nan = dict(good)
+    nan["k_proj"] = good["k_proj"].clone()
+    nan["k_proj"][0, 0] = float("nan")
+    return [
+        (
+            {**good, "model.layers.9.mlp.down_proj": torch.zeros(1, 8)},
+            ValueError,
+            r"does not wrap \(built for another model.*model.layers.9.mlp.down_proj",
+        ),
+        (
+            {**good, "k_proj": torch.zeros(1, 6)},
+            ValueError,
+            r"shapes do not match.*k_proj: got \(1, 6\), expected \[k, 5\]",
+        ),
+        (skewed, ValueError, r"orthonormal.*q_proj \(2.0[0-9]e-02\)"),
+        (nan, ValueError, "NaN/inf values: k_proj"),
+        ({}, ValueError, "holds no modules"),
+        ([good["q_proj"]], TypeError, "basis must be a dict"),
+        ({"q_proj": good["q_proj"].long()}, TypeError, "dtype torch.int64"),
+    ]
+
+
+def test_bad_basis(adapter):
+    for basis, error, match in _bad_bases(adapter):
+        with pytest.raises(error, match=match):
+            vhack.Projector(adapter, basis)
+    with pytest.raises(
+        ValueError, match=r"k = 4 is larger than the rows stored.*k_proj \(2 rows\)"
+    ):
+        vhack.Projector(adapter, make_basis(adapter), k=4)
+    loose = make_basis(adapter)
+    loose["q_proj"] = loose["q_proj"] * 1.01
+    vhack.Projector(adapter, loose, orthonormal_tol=0.03)  # a stated, adjustable tolerance
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(mode="sideways"), ValueError, "mode must be one of"),
+        (dict(where="params"), ValueError, "where must be one of"),
+        (dict(on_nonfinite="skip"), ValueError, "on_nonfinite must be one of"),
+        (dict(alpha=torch.tensor(1.0)), TypeError, "alpha must be a Python number"),
+        (dict(k=-1), ValueError, "k must be None or an int"),
+    ],
+)
+def test_bad_arguments(adapter, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        vhack.Projector(adapter, make_basis(adapter), **kwargs)
+
+
+def test_bad_targets(adapter):
+    proj = vhack.Projector(adapter, make_basis(adapter))
+    n = adapter.delta.numel()
+    with pytest.raises(RuntimeError, match=r"delta.grad is None: call project_\(\) after"):
+        proj.project_()
+    with pytest.raises(TypeError, match="adapter must be a vhack.Adapter"):
+        vhack.Projector(adapter.model, make_basis(adapter))
+    cases = [
+        (torch.zeros(n + 1), ValueError, "1-D with R_total"),
+        (torch.zeros(n, device="meta"), ValueError, "target is on meta"),
+        ({"q_proj": None}, RuntimeError, r"gradient missing \(None\) for q_proj: call after"),
+        ({"v_proj": torch.zeros(3)}, ValueError, "does not wrap: v_proj"),
+        ({"q_proj": torch.zeros(7)}, ValueError, r"wrong gradient shapes.*q_proj.*\(8,\)"),
+        (
+            {"q_proj": torch.zeros(8), "k_proj": torch.zeros(5, dtype=F64)},
+            TypeError,
+            "share one float32/bfloat16/float16 dtype",
+        ),
+        ({"q_proj": torch.zeros(8, device="meta")}, ValueError, "not on the adapter's device"),
+        ([torch.zeros(8)], TypeError, "target must be None"),
+    ]
+    for target, error, match in cases:
+        with pytest.raises(error, match=match):
+            proj.project_(target)
+
+
+# ---- optimizer hooks ----------------------------------------------------------------------------
+
+
+def test_attach_grad_mode_projects_before_each_step(adapter):
+    basis = make_basis(adapter)
+    twin = vhack.wrap(Toy(), use_cache=False, progress=False)  # manual projection, same init
+    x = torch.randn(4, 12, generator=torch.Generator().manual_seed(8))
+    opts = [torch.optim.AdamW([a.delta], lr=0.05) for a in (adapter, twin)]
+    proj = vhack.Projector(adapter, basis).attach(opts[0])
+    manual = vhack.Projector(twin, basis)
+    for _ in range(3):
+        for a, opt in zip((adapter, twin), opts, strict=True):
+            opt.zero_grad()
+            (a.model.q_proj(x).square().sum() + a.model.k_proj(x).sum()).backward()
+        manual.project_()
+        for opt in opts:
+            opt.step()
+        assert_close(adapter.delta, twin.delta, rtol=1e-6, atol=1e-7)
+        assert_close(proj.last_stats.raw, manual.last_stats.raw, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="already attached"):
+        proj.attach(opts[0])
+    with pytest.raises(RuntimeError, match="closure"):
+        opts[0].step(lambda: None)
+    proj.detach()
+    seen = proj.last_stats
+    opts[0].step()
+    assert proj.last_stats is seen  # detached: no more projection
+
+
+def test_attach_refuses_an_optimizer_without_delta(adapter):
+    other = torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=0.1)
+    with pytest.raises(ValueError, match="does not hold adapter.delta"):
+        vhack.Projector(adapter, make_basis(adapter)).attach(other)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        vhack.Projector(adapter, make_basis(adapter)).attach(object())
+
+
+def test_update_rule_sign(adapter):
+    """Delta <- Delta + V^T relu(-V Delta): the part of an update along -v (hack-promoting, since
+    the optimizer moves against the gradient) is removed; the part along +v stays. Applying the
+    gradient rule to Delta literally would do the opposite."""
+    v = torch.zeros(1, 8)
+    v[0, 0] = 1.0
+    proj = vhack.Projector(adapter, {"q_proj": v}, where="update")
+    n = adapter.delta.numel()
+    promoting = torch.zeros(n)
+    promoting[:2] = torch.tensor([-0.3, 0.4])  # q_proj's first coordinates: V Delta = -0.3 < 0
+    update = promoting.clone()
+    stats = proj.project_(update)
+    assert_close(update[:2], torch.tensor([0.0, 0.4]), rtol=0, atol=1e-7)
+    assert stats.cin[0] == pytest.approx(0.3 / 0.5, rel=1e-6)  # |relu(-V Delta)| / |Delta|
+    as_dict = {"q_proj": promoting[:8].clone()}  # research-style input: the same rule
+    proj.project_(as_dict)
+    assert_close(as_dict["q_proj"], update[:8], rtol=0, atol=0)
+    literal = promoting.clone()
+    vhack.Projector(adapter, {"q_proj": v}).project_(literal)  # the gradient rule on Delta
+    assert torch.equal(literal, promoting)  # ... keeps exactly the hack-promoting part
+    averse = -promoting  # along +v: not hack-promoting, kept
+    kept = averse.clone()
+    proj.project_(kept)
+    assert torch.equal(kept, averse)
+    with pytest.raises(RuntimeError, match=r"call snapshot\(\) before optimizer.step"):
+        proj.project_()
+
+
+def _sequence_grads_basis(adapter, model, ids, k):
+    """Per-module basis from paired differences of per-sequence gradients (hack = first half)."""
+    n = ids.shape[0]
+    with adapter.segment_grads(torch.arange(n).repeat_interleave(ids.shape[1]), n) as cap:
+        model(ids, labels=ids).loss.backward()
+    adapter.delta.grad = None
+    half = n // 2
+    return {
+        name: reference.paired_difference_basis(cap[name][:half], cap[name][half:], top_k=k)[0]
+        for name in adapter.names
+    }
+
+
+def _leak_per_step(adapter, model, basis, ids, where, steps):
+    """Run AdamW with the projector attached; per step, the hack-promoting fraction of the
+    parameter change |relu(-V Delta)| / |Delta| (mean over modules)."""
+    with torch.no_grad():
+        adapter.delta.zero_()
+    opt = torch.optim.AdamW([adapter.delta], lr=1e-2, weight_decay=0.01)
+    proj = vhack.Projector(adapter, basis, where=where).attach(opt) if where else None
+    meter = vhack.Projector(adapter, basis, where="update")
+    leaks = []
+    for step in range(steps):
+        opt.zero_grad()
+        model(ids[step % 2 :: 2], labels=ids[step % 2 :: 2]).loss.backward()
+        before = adapter.delta.detach().clone()
+        opt.step()
+        leaks.append(meter.measure(adapter.delta.detach() - before).cin_mean)
+    if proj is not None:
+        proj.detach()
+    return leaks
+
+
+@pytest.mark.slow
+def test_update_mode_closes_the_adam_leak():
+    """Grad mode: every gradient projected, yet Adam's moments and per-coordinate scaling leave a
+    hack-promoting component in the parameter change. Update mode removes it at every step."""
+    torch.manual_seed(0)
+    model = vhack.models.tiny_model(seed=0)
+    adapter = vhack.wrap(model, progress=False, use_cache=False)
+    ids = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(0))
+    basis = _sequence_grads_basis(adapter, model, ids, k=3)
+    leaks = {
+        where: _leak_per_step(adapter, model, basis, ids, where, steps=6)
+        for where in (None, "grad", "update")
+    }
+    grad_leak, update_leak = leaks["grad"], leaks["update"]
+    print("Adam, hack-promoting fraction |relu(-V Delta)|/|Delta| of each step's change:")
+    for where, values in leaks.items():  # shown with pytest -s (numbers in bench/PROJECT_NOTES.md)
+        print(f"  {where or 'unprojected':>11}: " + " ".join(f"{x:.2e}" for x in values))
+    assert min(grad_leak) > 1e-2  # measurable at every step
+    assert max(update_leak) < 1e-5  # ~0 after every step (float32 rounding of delta)
+
+
+def test_update_mode_restores_modules_with_a_nonfinite_update(adapter):
+    basis = make_basis(adapter)
+    opt = torch.optim.SGD([adapter.delta], lr=0.1)
+    vhack.Projector(adapter, basis, where="update").attach(opt)
+    grad = torch.ones(adapter.delta.numel())
+    grad[int(adapter.offsets[1])] = float("inf")  # k_proj
+    adapter.delta.grad = grad
+    with pytest.raises(RuntimeError, match=r"non-finite dS update in 1 module\(s\): k_proj"):
+        opt.step()
+    lo, hi = int(adapter.offsets[1]), int(adapter.offsets[2])
+    assert torch.equal(adapter.delta[lo:hi], torch.zeros(hi - lo))  # kept its pre-step value
+    assert torch.isfinite(adapter.delta).all() and adapter.delta[:lo].abs().sum() > 0
+
+
+@pytest.mark.interpreter
+def test_projector_is_one_triton_launch(adapter, monkeypatch):
+    from vhack.kernels import project as kernels
+
+    launches = record_launches(monkeypatch, kernels, "_project_fused_kernel")
+    basis = make_basis(adapter)
+    grad = torch.randn(adapter.delta.numel(), generator=torch.Generator().manual_seed(9))
+    adapter.delta.grad = grad.clone()
+    proj = vhack.Projector(adapter, basis, backend="triton")
+    launches.clear()
+    stats = proj.project_()
+    assert launches == [(len(adapter.names),)]
+    expected, ref_stats = reference_projection(adapter, basis, grad)
+    assert_close(adapter.delta.grad, expected, **TOL)
+    assert_close(stats.raw, ref_stats, **TOL)

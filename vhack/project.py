@@ -1,0 +1,519 @@
+"""Projector: remove the hack-ward component of every module's dS gradient (or update), with the
+cin statistics of the same pass.
+
+    proj = vhack.Projector(adapter, basis)            # basis packed once, in the adapter's order
+    loss.backward(); stats = proj.project_(); optimizer.step()
+    # or: proj.attach(optimizer)  (projects inside every optimizer.step())
+
+The basis is a dict {module name: V [k, r]} (research-code style) or any object with `.names`
+and `.V(name)` (vhack.HackBasis). Modules the basis does not cover are not projected (k = 0) but
+still get statistics. Each call is one `vhack.ops.project_` over the packed gradient: one kernel
+launch on CUDA, one parallel C++ pass on CPU.
+
+Update mode (where="update") closes the leak through Adam: even with every gradient projected,
+the moments and the per-coordinate scaling move the parameter change back into span(V). The
+projector then snapshots dS before the optimizer step and projects the change Delta after it.
+Sign: the optimizer moves AGAINST the loss gradient, so the hack-promoting side of an update is
+V Delta < 0 (the mirror of V g > 0 for a gradient), and the one-sided rule becomes
+    Delta <- Delta + V^T relu(-V Delta).
+It is computed as the gradient rule applied to u = -Delta (u <- u - V^T relu(V u)), which also
+makes the statistics directly comparable: |relu(Vu)| = |relu(-V Delta)|, the hack-promoting part
+of the update. Applying the gradient rule to Delta itself would keep exactly the hack-promoting
+part and remove the rest.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from functools import cached_property
+
+import torch
+
+from vhack import ops
+from vhack.adapter import Adapter
+from vhack.packing import pack_blocks
+from vhack.reference import PROJECTION_MODES
+
+__all__ = ["ORTHONORMAL_TOL", "ProjStats", "Projector"]
+
+# Basis rows must satisfy max |V V^T - I| <= ORTHONORMAL_TOL (all-zero rows are exempt: extraction
+# zeroes weak axes with tau_axis). float32 SVD output is orthonormal to ~1e-6.
+ORTHONORMAL_TOL = 1e-3
+WHERE = ("grad", "update")
+ON_NONFINITE = ("raise", "warn", "ignore")
+FIRED_THRESHOLD = 1e-6
+
+
+class ProjStats:
+    """Statistics of one projection, kept on the device until a field is read.
+
+    raw [M, 4] float32: |Vg|, |relu(Vg)|, |g| before, |g| after per module (for an update, g is
+    -Delta). cin [M]: |relu(Vg)| / |g| for the one-sided mode ("hackward"), |Vg| / |g| otherwise;
+    0 for a zero gradient and for modules without basis rows; NaN for a non-finite gradient.
+    cin_mean: unweighted mean of cin over projected modules (k > 0); fired: fraction of those with
+    cin > 1e-6. Reading cin_mean, fired, nonfinite or as_dict() synchronises; raw and cin do not.
+    """
+
+    def __init__(
+        self, names: list[str], raw: torch.Tensor, projected: torch.Tensor, one_sided: bool
+    ) -> None:
+        self.names = names
+        self.raw = raw
+        self.projected = projected  # bool [M] on raw's device: module has basis rows (k > 0)
+        self.one_sided = one_sided
+
+    @cached_property
+    def cin(self) -> torch.Tensor:
+        """[M] float32 on the device."""
+        num = self.raw[:, 1] if self.one_sided else self.raw[:, 0]
+        g = self.raw[:, 2]
+        return torch.where(g == 0, torch.zeros_like(g), num / g)  # NaN |g| stays NaN
+
+    @cached_property
+    def _summary(self) -> tuple[float, float]:
+        cin = torch.where(self.projected, self.cin, torch.zeros_like(self.cin))
+        n = self.projected.sum().clamp_min(1)
+        fired = (cin > FIRED_THRESHOLD).sum() / n
+        mean = cin.sum() / n  # a NaN in a projected module stays visible
+        cin_mean, fired = torch.stack([mean, fired]).tolist()  # one synchronisation
+        return cin_mean, fired
+
+    @property
+    def cin_mean(self) -> float:
+        return self._summary[0]
+
+    @property
+    def fired(self) -> float:
+        return self._summary[1]
+
+    def all_finite(self) -> bool:
+        """True when every module's gradient and coefficients were finite."""
+        return bool(torch.isfinite(self.raw[:, [0, 2]]).all())
+
+    @property
+    def nonfinite(self) -> list[str]:
+        """Names of the modules whose gradient (or coefficients) were not finite: left untouched."""
+        bad = ~torch.isfinite(self.raw[:, [0, 2]]).all(1)
+        return [self.names[i] for i in bad.nonzero().flatten().tolist()]
+
+    def as_dict(self) -> dict[str, float]:
+        """cin_mean, fired, and the global norms before and after: ready for a logger."""
+        before, after = self.raw[:, 2:4].square().sum(0).sqrt().tolist()
+        return {
+            "cin_mean": self.cin_mean,
+            "fired": self.fired,
+            "norm_before": before,
+            "norm_after": after,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"ProjStats({len(self.names)} modules, cin_mean={self.cin_mean:.4g}, "
+            f"fired={self.fired:.3g})"
+        )
+
+
+class Projector:
+    """Projects the hack-ward component out of an adapter's packed dS gradient (or update).
+
+    adapter: a vhack.Adapter. basis: dict {module name: V [k, r]} or an object with `.names` and
+    `.V(name)` (vhack.HackBasis); rows orthonormal (or all zero), oriented hack-ward; names must
+    be wrapped modules and r must match. mode: "hackward" (one-sided, default), "both", "reverse"
+    or "measure"; alpha: overshoot factor; where: "grad" (project dS.grad) or "update" (project
+    the parameter change of each optimizer step; see the module docstring for the sign).
+
+    Keyword-only: k (use the first k rows of every module; None = all stored rows; a module that
+    stores fewer is an error), preserve_magnitude (rescale each projected module to its original
+    norm), on_nonfinite ("raise": a NaN/inf gradient raises RuntimeError naming the modules, which
+    costs one host synchronisation per call; "warn": the same as a warning; "ignore": no check
+    and no synchronisation, the statistics still show it), orthonormal_tol (ORTHONORMAL_TOL),
+    backend (force a vhack.ops backend).
+    """
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        basis,
+        mode: str = "hackward",
+        alpha: float = 1.0,
+        where: str = "grad",
+        *,
+        k: int | None = None,
+        preserve_magnitude: bool = False,
+        on_nonfinite: str = "raise",
+        orthonormal_tol: float = ORTHONORMAL_TOL,
+        backend: str | None = None,
+    ) -> None:
+        if not isinstance(adapter, Adapter):
+            raise TypeError(f"adapter must be a vhack.Adapter (from vhack.wrap), got {adapter!r}")
+        if mode not in PROJECTION_MODES:
+            raise ValueError(f"mode must be one of {PROJECTION_MODES}, got {mode!r}")
+        if where not in WHERE:
+            raise ValueError(f"where must be one of {WHERE}, got {where!r}")
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+            raise TypeError(f"alpha must be a Python number, got {type(alpha).__name__}")
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
+            raise ValueError(f"k must be None or an int >= 0, got {k!r}")
+        self.adapter = adapter
+        self.mode = mode
+        self.alpha = float(alpha)
+        self.where = where
+        self.preserve_magnitude = bool(preserve_magnitude)
+        self.on_nonfinite = on_nonfinite
+        self.backend = backend
+        self.names = adapter.names
+        blocks = _basis_blocks(adapter, basis, k, orthonormal_tol)
+        self.ks = [0 if b is None else b.shape[0] for b in blocks]
+        self._packed: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        basis_flat, basis_offsets, ks = pack_blocks(
+            blocks, adapter.ranks, dtype=torch.float32, device=adapter.delta.device
+        )
+        self._packed[adapter.delta.device] = (basis_flat, basis_offsets, ks, ks > 0)
+        self._hooks: list = []
+        self._snapshot: torch.Tensor | None = None
+        self._work: torch.Tensor | None = None
+        self._armed = False
+        self.last_stats: ProjStats | None = None
+        ops.project_(  # check the packed layout once, here, not in the first training step
+            torch.zeros(adapter.delta.numel(), device=adapter.delta.device),
+            adapter.offsets,
+            basis_flat,
+            basis_offsets,
+            ks,
+            "measure",
+            backend=backend,
+        )
+
+    # ---- packed state --------------------------------------------------------------------------
+    def _layout(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(basis, basis_offsets, ks, projected) on device: moved once if the adapter moved."""
+        if device not in self._packed:
+            first = next(iter(self._packed.values()))
+            self._packed[device] = tuple(t.to(device) for t in first)
+        return self._packed[device]
+
+    @property
+    def basis(self) -> torch.Tensor:
+        """The packed basis float32 (module m's ks[m] x r_m rows at basis_offsets[m])."""
+        return self._layout(self.adapter.delta.device)[0]
+
+    def __repr__(self) -> str:
+        n = sum(k > 0 for k in self.ks)
+        return (
+            f"Projector({n} of {len(self.names)} modules projected, k <= {max(self.ks, default=0)},"
+            f" mode={self.mode!r}, alpha={self.alpha}, where={self.where!r})"
+        )
+
+    # ---- projection ----------------------------------------------------------------------------
+    def project_(self, target=None) -> ProjStats:
+        """Project in place and return the statistics (also kept as `last_stats`).
+
+        target None: where="grad" projects adapter.delta.grad (call after backward, before the
+        optimizer step); where="update" projects the change of adapter.delta since `snapshot()`
+        (attach() does both around every step). target may also be a packed tensor [R_total] or a
+        dict {module name: tensor [r]} (research-code style: packed on entry, written back in
+        place; modules absent from the dict count as zero); it is a gradient for where="grad"
+        and a parameter change Delta for where="update".
+        """
+        return self._run(target, self.mode)
+
+    def measure(self, target=None) -> ProjStats:
+        """The same statistics as project_(target), nothing modified."""
+        return self._run(target, "measure")
+
+    def _run(self, target, mode: str) -> ProjStats:
+        delta = self.adapter.delta
+        if target is None and self.where == "update":
+            return self._project_step(mode)
+        if target is None:
+            if delta.grad is None:
+                raise RuntimeError(
+                    "adapter.delta.grad is None: call project_() after loss.backward() and before "
+                    "optimizer.step() (or use attach(optimizer))"
+                )
+            return self._finish(self._project_packed(delta.grad, mode, negate=False))
+        if isinstance(target, Mapping):
+            packed, write_back = self._pack_dict(target)
+            stats = self._project_packed(packed, mode, negate=self.where == "update")
+            if mode != "measure":
+                write_back(packed)
+            return self._finish(stats)
+        if isinstance(target, torch.Tensor):
+            if target.dim() != 1 or target.numel() != delta.numel():
+                raise ValueError(
+                    f"a packed target must be 1-D with R_total = {delta.numel()} elements, got "
+                    f"shape {tuple(target.shape)}"
+                )
+            if target.device != delta.device:
+                raise ValueError(
+                    f"target is on {target.device} but the adapter (and basis) on {delta.device}"
+                )
+            stats = self._project_packed(target, mode, negate=self.where == "update")
+            return self._finish(stats)
+        raise TypeError(
+            "target must be None, a packed tensor [R_total] or a dict {module name: tensor [r]}, "
+            f"got {type(target).__name__}"
+        )
+
+    def _project_packed(self, grad: torch.Tensor, mode: str, negate: bool) -> ProjStats:
+        basis, basis_offsets, ks, projected = self._layout(grad.device)
+        with torch.no_grad():
+            if negate:
+                grad.neg_()
+            try:
+                raw = ops.project_(
+                    grad,
+                    self.adapter.offsets,
+                    basis,
+                    basis_offsets,
+                    ks,
+                    mode,
+                    self.alpha,
+                    preserve_magnitude=self.preserve_magnitude,
+                    backend=self.backend,
+                )
+            finally:
+                if negate:
+                    grad.neg_()
+        return ProjStats(self.names, raw, projected, one_sided=self.mode == "hackward")
+
+    def _finish(self, stats: ProjStats) -> ProjStats:
+        self.last_stats = stats
+        if self.on_nonfinite != "ignore" and not stats.all_finite():  # one synchronisation
+            bad = stats.nonfinite
+            if bad:
+                message = (
+                    f"non-finite dS {'update' if self.where == 'update' else 'gradient'} in "
+                    f"{len(bad)} module(s): {_shorten(bad)}; they were left unprojected "
+                    "(the other modules were projected)"
+                )
+                if self.on_nonfinite == "raise":
+                    raise RuntimeError(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return stats
+
+    # ---- update mode -----------------------------------------------------------------------------
+    def snapshot(self) -> None:
+        """Remember adapter.delta (before an optimizer step) for where="update"."""
+        delta = self.adapter.delta.detach()
+        if self._snapshot is None or self._snapshot.device != delta.device:
+            self._snapshot = torch.empty_like(delta)
+            self._work = torch.empty_like(delta)
+        self._snapshot.copy_(delta)
+        self._armed = True
+
+    def _project_step(self, mode: str) -> ProjStats:
+        """Project Delta = delta - snapshot: u = -Delta is projected like a gradient, then
+        delta = snapshot - u'. Modules whose change is not finite keep their snapshot values
+        (unless on_nonfinite="ignore")."""
+        if not self._armed:
+            raise RuntimeError(
+                'where="update": call snapshot() before optimizer.step() and project_() after it '
+                "(attach(optimizer) does both)"
+            )
+        delta = self.adapter.delta
+        snap, work = self._snapshot, self._work
+        with torch.no_grad():
+            torch.sub(snap, delta, out=work)  # u = -Delta
+            stats = self._project_packed(work, mode, negate=False)
+            if mode != "measure":
+                self._armed = False
+                torch.sub(snap, work, out=delta.data)
+                if self.on_nonfinite != "ignore" and not stats.all_finite():
+                    bad = ~torch.isfinite(stats.raw[:, [0, 2]]).all(1)
+                    ranks = torch.tensor(self.adapter.ranks, device=delta.device)
+                    mask = bad.repeat_interleave(ranks, output_size=delta.numel())
+                    delta.data.copy_(torch.where(mask, snap, delta.data))
+        return self._finish(stats)
+
+    # ---- optimizer hooks -------------------------------------------------------------------------
+    def attach(self, optimizer: torch.optim.Optimizer) -> Projector:
+        """Run inside every optimizer.step(): where="grad" projects the gradient just before the
+        step (after any gradient clipping you do outside the step: to project before clipping,
+        call project_() yourself instead); where="update" snapshots dS before the step and
+        projects the change after it. Statistics land in `last_stats`. Returns self."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
+        if self._hooks:
+            raise RuntimeError("this Projector is already attached; call detach() first")
+        delta = self.adapter.delta
+        if not any(p is delta for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError(
+                "the optimizer does not hold adapter.delta; build it with adapter.delta (e.g. "
+                "torch.optim.AdamW([adapter.delta]))"
+            )
+
+        def no_closure(args, kwargs) -> None:
+            # args = (optimizer, *step args) as torch passes them to step hooks
+            closure = args[1] if len(args) > 1 else kwargs.get("closure")
+            if closure is not None:
+                raise RuntimeError(
+                    "Projector.attach does not support optimizer.step(closure): the closure "
+                    "recomputes gradients after the pre-step hook; call project_() yourself"
+                )
+
+        if self.where == "grad":
+
+            def pre(opt, args, kwargs):
+                no_closure(args, kwargs)
+                self.project_()
+
+            self._hooks = [optimizer.register_step_pre_hook(pre)]
+        else:
+
+            def pre(opt, args, kwargs):
+                no_closure(args, kwargs)
+                self.snapshot()
+
+            def post(opt, args, kwargs):
+                self.project_()
+
+            self._hooks = [
+                optimizer.register_step_pre_hook(pre),
+                optimizer.register_step_post_hook(post),
+            ]
+        return self
+
+    def detach(self) -> None:
+        """Remove the optimizer hooks (no-op when not attached)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self._armed = False
+
+    # ---- research-code style per-module tensors -----------------------------------------------
+    def _pack_dict(self, grads: Mapping[str, torch.Tensor | None]):
+        """Pack {name: tensor [r]} in the adapter's order (absent modules: zeros); return the
+        packed tensor and a function that writes a packed tensor back into the dict's tensors."""
+        modules = self.adapter.modules
+        unknown = [n for n in grads if n not in modules]
+        if unknown:
+            raise ValueError(
+                f"gradients for modules the adapter does not wrap: {_shorten(unknown)}"
+            )
+        missing = [n for n, t in grads.items() if t is None]
+        if missing:
+            raise RuntimeError(
+                f"gradient missing (None) for {_shorten(missing)}: call after loss.backward()"
+            )
+        bad = [n for n, t in grads.items() if not isinstance(t, torch.Tensor)]
+        if bad:
+            raise TypeError(f"gradients must be tensors; not for {_shorten(bad)}")
+        wrong = {
+            n: tuple(t.shape) for n, t in grads.items() if tuple(t.shape) != (modules[n].rank,)
+        }
+        if wrong:
+            expected = {n: (modules[n].rank,) for n in wrong}
+            raise ValueError(f"wrong gradient shapes: got {wrong}, expected {expected}")
+        dtypes = {t.dtype for t in grads.values()}
+        if len(dtypes) > 1 or not dtypes <= {torch.float32, torch.bfloat16, torch.float16}:
+            raise TypeError(
+                f"gradients must share one float32/bfloat16/float16 dtype, got {sorted(map(str, dtypes))}"
+            )
+        device = self.adapter.delta.device
+        off_device = [n for n, t in grads.items() if t.device != device]
+        if off_device:
+            raise ValueError(
+                f"gradients of {_shorten(off_device)} are not on the adapter's device {device}"
+            )
+        dtype = dtypes.pop() if dtypes else torch.float32
+        parts = [
+            grads[n] if n in grads else torch.zeros(mod.rank, dtype=dtype, device=device)
+            for n, mod in modules.items()
+        ]
+        packed = torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
+        present = [n in grads for n in modules]
+
+        def write_back(flat: torch.Tensor) -> None:
+            views = flat.split(self.adapter.ranks)
+            dst = [grads[n] for n, p in zip(modules, present, strict=True) if p]
+            src = [v for v, p in zip(views, present, strict=True) if p]
+            if dst:
+                with torch.no_grad():
+                    torch._foreach_copy_(dst, src)
+
+        return packed, write_back
+
+
+def _shorten(names: list[str], n: int = 8) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+def _basis_rows(basis) -> tuple[list[str], object]:
+    """(names, V getter) of a dict basis or a duck-typed HackBasis."""
+    if isinstance(basis, Mapping):
+        # A raw research-code file also holds "_sv/{name}" singular values: not basis blocks.
+        names = [n for n in basis if not str(n).startswith("_sv/")]
+        return names, basis.__getitem__
+    if hasattr(basis, "names") and callable(getattr(basis, "V", None)):
+        return list(basis.names), basis.V
+    raise TypeError(
+        "basis must be a dict {module name: V [k, r]} or an object with .names and .V(name) "
+        f"(vhack.HackBasis), got {type(basis).__name__}"
+    )
+
+
+def _basis_blocks(adapter: Adapter, basis, k: int | None, tol: float) -> list[torch.Tensor | None]:
+    """Per adapter module (in packed order), its checked V [k_m, r_m] float64 or None."""
+    names, get = _basis_rows(basis)
+    if not names:
+        raise ValueError("the basis holds no modules")
+    unknown = [n for n in names if n not in adapter.modules]
+    if unknown:
+        raise ValueError(
+            f"the basis has {len(unknown)} module(s) the adapter does not wrap (built for another "
+            f"model or other targets?): {_shorten(unknown)}"
+        )
+    blocks: dict[str, torch.Tensor] = {}
+    wrong_shape, too_few, nonfinite, not_orthonormal = {}, {}, [], {}
+    for name in names:
+        V = get(name)
+        r = adapter.modules[name].rank
+        if not isinstance(V, torch.Tensor) or V.dim() != 2 or V.shape[1] != r:
+            wrong_shape[name] = (tuple(getattr(V, "shape", ())), f"[k, {r}]")
+            continue
+        if not V.is_floating_point():
+            raise TypeError(f"basis block {name!r} has dtype {V.dtype}; expected a float tensor")
+        if k is not None and V.shape[0] < k:
+            too_few[name] = V.shape[0]
+            continue
+        V = V[:k].detach().to(device="cpu", dtype=torch.float64)
+        if not torch.isfinite(V).all():
+            nonfinite.append(name)
+            continue
+        gram = V @ V.T
+        unit = (gram.diagonal() != 0).to(torch.float64)  # all-zero rows are legal
+        err = (gram - torch.diag(unit)).abs().max().item() if V.shape[0] else 0.0
+        if err > tol:
+            not_orthonormal[name] = err
+            continue
+        blocks[name] = V
+    if wrong_shape:
+        raise ValueError(
+            "basis shapes do not match the adapter (built for another model?): "
+            + ", ".join(
+                f"{n}: got {s}, expected {e}" for n, (s, e) in list(wrong_shape.items())[:8]
+            )
+            + (f", ... ({len(wrong_shape) - 8} more)" if len(wrong_shape) > 8 else "")
+        )
+    if too_few:
+        raise ValueError(
+            f"k = {k} is larger than the rows stored for {len(too_few)} module(s): "
+            f"{_shorten([f'{n} ({m} rows)' for n, m in too_few.items()])}; use k <= "
+            f"{min(too_few.values())} or re-extract with a larger top_k"
+        )
+    if nonfinite:
+        raise ValueError(f"basis blocks with NaN/inf values: {_shorten(nonfinite)}")
+    if not_orthonormal:
+        worst = max(not_orthonormal.values())
+        raise ValueError(
+            f"basis rows must be orthonormal (or all zero): max |V V^T - I| > {tol} for "
+            f"{_shorten([f'{n} ({e:.2e})' for n, e in not_orthonormal.items()])} (worst "
+            f"{worst:.2e}); orthonormalise them (torch.linalg.qr(V.T).Q.T keeps the span) or "
+            "pass a larger orthonormal_tol"
+        )
+    return [blocks.get(name) for name in adapter.names]
