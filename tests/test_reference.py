@@ -243,3 +243,16 @@ def test_project_preserve_magnitude_leaves_a_gradient_inside_the_span():
         grad, offsets, basis, basis_offsets, kt, "both", preserve_magnitude=True
     )
     assert grad.abs().max() < 1e-12 and stats[0, 3] < 1e-12
+
+
+def test_paired_difference_basis_batches_modules_of_one_shape():
+    g = torch.Generator().manual_seed(2)
+    hack, clean = torch.randn(3, 6, 15, dtype=F64, generator=g), torch.randn(3, 6, 15, dtype=F64)
+    clean[1] = hack[1]  # a module with D = 0 inside the batch
+    V, sv = reference.paired_difference_basis(hack, clean, top_k=4, tau_axis=0.3)
+    assert V.shape == (3, 4, 15) and sv.shape == (3, 4)
+    for m in range(3):
+        V_m, sv_m = reference.paired_difference_basis(hack[m], clean[m], top_k=4, tau_axis=0.3)
+        assert_close(V[m], V_m, **TOL, name=f"V module {m}")
+        assert_close(sv[m], sv_m, **TOL, name=f"sv module {m}")
+    assert torch.equal(V[1], torch.zeros_like(V[1]))

@@ -40,6 +40,7 @@ __all__ = [
     "basis_from_gradients",
     "completion_grads",
     "encode",
+    "encode_many",
     "extract",
     "extraction_metadata",
     "load_or_extract",
@@ -71,15 +72,26 @@ def prompt_text(tokenizer, prompt: Prompt) -> str:
 
 def encode(tokenizer, prompt: Prompt, completion: str) -> tuple[list[int], int]:
     """(token ids of prompt_text + completion, index of the first completion token)."""
-    text = prompt_text(tokenizer, prompt)
+    return encode_many(tokenizer, [(prompt, completion)])[0]
+
+
+def encode_many(tokenizer, items: Sequence[tuple[Prompt, str]]) -> list[tuple[list[int], int]]:
+    """`encode` of every (prompt, completion), tokenized in batched tokenizer calls."""
+    texts = [prompt_text(tokenizer, prompt) for prompt, _ in items]
     # A chat template writes its special tokens itself; plain text gets the tokenizer's defaults.
-    add_special = isinstance(prompt, str)
-    ids = tokenizer(text + completion, add_special_tokens=add_special)["input_ids"]
-    prompt_ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
-    start = 0
-    while start < min(len(ids), len(prompt_ids)) and ids[start] == prompt_ids[start]:
-        start += 1
-    return list(ids), start
+    out: list[tuple[list[int], int] | None] = [None] * len(items)
+    for add_special in (True, False):
+        idx = [i for i, (p, _) in enumerate(items) if isinstance(p, str) == add_special]
+        if not idx:
+            continue
+        full = tokenizer([texts[i] + items[i][1] for i in idx], add_special_tokens=add_special)
+        prompts = tokenizer([texts[i] for i in idx], add_special_tokens=add_special)
+        for i, ids, prompt_ids in zip(idx, full["input_ids"], prompts["input_ids"], strict=True):
+            start = 0  # the common prefix, should the tokenizer merge across the boundary
+            while start < min(len(ids), len(prompt_ids)) and ids[start] == prompt_ids[start]:
+                start += 1
+            out[i] = (list(ids), start)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +183,7 @@ def completion_grads(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     labels = list(labels) if labels is not None else [f"completion {i}" for i in range(len(items))]
-    seqs = [encode(tokenizer, prompt, completion) for prompt, completion in items]
+    seqs = encode_many(tokenizer, items)
     for (ids, start), label in zip(seqs, labels, strict=True):
         if start >= len(ids):
             raise ValueError(f"{label}: the completion tokenizes to no tokens after the prompt")
@@ -263,12 +275,23 @@ def basis_from_gradients(
             f"G_hack and G_clean must both be [n_pairs, {total}], got {tuple(G_hack.shape)} and "
             f"{tuple(G_clean.shape)}"
         )
-    V, sv, lo = {}, {}, 0
-    for name, r in zip(names, ranks, strict=True):
-        h, c = G_hack[:, lo : lo + r].float(), G_clean[:, lo : lo + r].float()
-        V[name], sv[name] = reference.paired_difference_basis(h, c, top_k, tau_axis)
-        lo += r
-    return HackBasis(V, sv, metadata)
+    # Modules of one width r share one batched SVD (a model has few distinct shapes).
+    starts = [0]
+    for r in ranks[:-1]:
+        starts.append(starts[-1] + r)
+    by_width: dict[int, list[int]] = {}
+    for m, r in enumerate(ranks):
+        by_width.setdefault(r, []).append(m)
+    V, sv = {}, {}
+    for r, members in by_width.items():
+        cols = torch.stack([torch.arange(starts[m], starts[m] + r) for m in members])
+        cols = cols.to(G_hack.device)  # [n_modules, r]
+        h = G_hack.float()[:, cols].transpose(0, 1)  # [n_modules, n_pairs, r]
+        c = G_clean.float()[:, cols].transpose(0, 1)
+        V_group, sv_group = reference.paired_difference_basis(h, c, top_k, tau_axis)
+        for i, m in enumerate(members):
+            V[names[m]], sv[names[m]] = V_group[i], sv_group[i]
+    return HackBasis({n: V[n] for n in names}, {n: sv[n] for n in names}, metadata)
 
 
 # ---------------------------------------------------------------------------------------------
