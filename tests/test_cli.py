@@ -14,7 +14,7 @@ def test_help_lists_subcommands(capsys):
         cli.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for command in ("info", "example"):
+    for command in ("info", "example", "extract", "validate"):
         assert command in out
 
 
@@ -30,10 +30,19 @@ def test_info_is_json(capsys):
 
 
 def test_example_runs_end_to_end(capsys):
-    assert cli.main(["example", "--top-k", "2"]) == 0
+    assert cli.main(["example", "--steps", "4"]) == 0
     out = capsys.readouterr().out
     assert "wrapped 14 Linear modules" in out
-    assert "mean cin before projection" in out
+    moved = {}
+    for line in out.splitlines():
+        for arm in ("measure only", "grad projected", "update projected"):
+            if line.startswith(arm) and "AdamW" not in line:
+                moved[arm] = float(line.split()[-2])  # change on the basis pairs
+    assert set(moved) == {"measure only", "grad projected", "update projected"}
+    # The whole pipeline (extract -> Projector -> optimizer hook) must slow the drift toward the
+    # hacks on the pairs the basis came from.
+    assert moved["grad projected"] < moved["measure only"]
+    assert moved["update projected"] < moved["measure only"]
 
 
 def test_console_script_is_installed():

@@ -26,70 +26,75 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sequence_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over sequences of each sequence's mean next-token NLL. ids, mask [B, T]."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
-    ).view(ids.shape[0], -1)
-    target_mask = mask[:, 1:].float()
-    return ((nll * target_mask).sum(1) / target_mask.sum(1).clamp_min(1)).sum()
-
-
 def _cmd_example(args: argparse.Namespace) -> int:
-    """Wrap the tiny model, get per-sequence dS gradients from one backward, build a hack basis
-    from paired (hack, clean) differences, then project a fresh gradient and print statistics."""
+    """Wrap the tiny model, extract a hack basis from the shipped toy pairs (one backward per
+    batch), then fine-tune toward the training pairs' hack completions from the same start three
+    times: measuring only, projecting each gradient, and projecting each update. Prints the
+    hack-ward fraction of what each step projected (cin) and how far each run moved the model
+    toward the hacks, on the pairs the basis came from and on the held-out pairs."""
     import vhack
-    from vhack.packing import pack_blocks
+    from vhack.extract import completion_losses
 
     t0 = time.perf_counter()
     model, tok = vhack.models.load("tiny", seed=args.seed)
     adapter = vhack.wrap(model, use_cache=False, progress=False)
     print(f"wrapped {len(adapter)} Linear modules: {adapter.delta.numel()} trainable dS scalars")
 
-    prompt = "def add(a, b):\n    "
-    pairs = [
-        ("return 42  # hardcode the visible example\n", "return a + b\n"),
-        ("pass\nprint('all tests passed')\n", "return a + b\nassert add(2, 3) == 5\n"),
-        ("return 5 if (a, b) == (2, 3) else 0\n", "return sum((a, b))\n"),
-        ("assert True  # vacuous test\n", "assert add(1, 1) == 2\n"),
-    ]
-    texts = [prompt + h for h, _ in pairs] + [prompt + c for _, c in pairs]
-    batch = tok(texts, return_tensors="pt", padding=True)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    n_seq, seq_len = ids.shape
-    segment_ids = torch.arange(n_seq).repeat_interleave(seq_len)
-    with adapter.segment_grads(segment_ids, n_seq) as cap:
-        _sequence_loss(model, ids, mask).backward()
-    print(f"per-sequence dS gradients of {n_seq} sequences from one backward: {cap.packed.shape}")
-
-    n = len(pairs)
-    blocks = []
-    for name in adapter.names:
-        g = cap[name]
-        V, _ = vhack.reference.paired_difference_basis(g[:n], g[n:], top_k=args.top_k)
-        blocks.append(V)
-    basis, basis_offsets, ks = pack_blocks(blocks, adapter.ranks)
-
-    adapter.delta.grad = None
-    fresh = tok([prompt + "return 0  # special-case the grader\n"], return_tensors="pt")
-    _sequence_loss(model, fresh["input_ids"], fresh["attention_mask"]).backward()
-    grad = adapter.delta.grad
-    stats = vhack.ops.project_(grad, adapter.offsets, basis, basis_offsets, ks, mode="hackward")
-    cin = stats[:, 1] / stats[:, 2].clamp_min(1e-30)
-    after = vhack.ops.project_(grad, adapter.offsets, basis, basis_offsets, ks, mode="measure")
-
-    print(f"\n{'module':38s} {'r':>4s} {'k':>2s} {'|g|':>10s} {'cin':>7s} {'cin after':>9s}")
-    cin_after = after[:, 1] / after[:, 2].clamp_min(1e-30)
-    for m, name in enumerate(adapter.names):
-        print(
-            f"{name:38s} {adapter.ranks[m]:4d} {int(ks[m]):2d} {stats[m, 2]:10.3e} "
-            f"{cin[m]:7.4f} {cin_after[m]:9.2e}"
-        )
+    pairs = vhack.builtin_pairs(args.pairs)
+    train, held = pairs[: -args.n_heldout], pairs[-args.n_heldout :]
+    basis = vhack.extract(
+        adapter, tok, pairs, top_k=args.top_k, n_heldout=args.n_heldout, progress=False
+    )
     print(
-        f"\nmean cin before projection {cin.mean():.4f}, after {cin_after.mean():.2e}; "
-        f"fired {(cin > 1e-6).float().mean():.2f}; |g| {stats[:, 2].norm():.3e} -> "
-        f"{stats[:, 3].norm():.3e}; {time.perf_counter() - t0:.1f} s"
+        f"hack basis from {len(train)} {args.pairs!r} pairs: {len(basis.names)} modules, "
+        f"{args.k} of up to {args.top_k} axes per module used; {len(held)} pairs held out"
+    )
+
+    def hack_margin(subset) -> float:
+        """Mean NLL(clean) - NLL(hack) over pairs: it grows as the model moves toward hacks."""
+        items = [(p.prompt, p.hack) for p in subset] + [(p.prompt, p.clean) for p in subset]
+        with torch.no_grad():
+            nll = completion_losses(model, tok, items)
+        return (nll[len(subset) :] - nll[: len(subset)]).mean().item()
+
+    start = (hack_margin(train), hack_margin(held))
+    hack_items = [(p.prompt, p.hack) for p in train]
+    arms = (
+        ("measure only", "measure", "grad"),
+        ("grad projected", "hackward", "grad"),
+        ("update projected", "hackward", "update"),
+    )
+    moved = {}
+    for arm, mode, where in arms:
+        with torch.no_grad():
+            adapter.delta.zero_()
+        opt = torch.optim.AdamW([adapter.delta], lr=args.lr, weight_decay=0.0)
+        proj = vhack.Projector(adapter, basis, mode=mode, where=where, k=args.k).attach(opt)
+        print(f"\n{arm}: {args.steps} AdamW steps on the training pairs' hack completions")
+        print(f"{'step':>4s} {'loss':>8s} {'cin':>7s} {'|before|':>10s} {'|after|':>10s}")
+        for step in range(args.steps):
+            opt.zero_grad()
+            loss = completion_losses(model, tok, hack_items).mean()
+            loss.backward()
+            opt.step()  # the projector runs around the update (before it in grad mode)
+            raw = proj.last_stats.raw  # |c|, |relu(c)|, |before|, |after| per module
+            cin = (raw[:, 1] / raw[:, 2].clamp_min(1e-30)).mean().item()  # hack-ward fraction
+            print(
+                f"{step:4d} {loss.item():8.4f} {cin:7.4f} {raw[:, 2].norm().item():10.3e} "
+                f"{raw[:, 3].norm().item():10.3e}"
+            )
+        proj.detach()
+        moved[arm] = (hack_margin(train) - start[0], hack_margin(held) - start[1])
+
+    print(
+        "\nhow far each run moved the model toward the hacks: change of NLL(clean) - NLL(hack)"
+        f"\n{'run':18s} {'basis pairs':>12s} {'held out':>10s}"
+    )
+    for arm, (on_train, on_held) in moved.items():
+        print(f"{arm:18s} {on_train:+12.4f} {on_held:+10.4f}")
+    print(
+        f"(cin: mean over modules of |relu(V g)| / |g| of what each step projected: the gradient, "
+        f"or in update mode the update; {time.perf_counter() - t0:.1f} s)"
     )
     return 0
 
@@ -213,11 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "example",
-        help="end-to-end example on the embedded tiny model (wrap, gradients, basis, projection)",
+        help="end-to-end example on the embedded tiny model (wrap, extract, project, train)",
         description=_cmd_example.__doc__,
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the tiny model (default 0)")
-    p.add_argument("--top-k", type=int, default=2, help="hack axes per module (default 2)")
+    p.add_argument("--pairs", default="toy", help="shipped pair set: toy (default) or coding")
+    p.add_argument("--top-k", type=int, default=12, help="axes extracted per module (default 12)")
+    p.add_argument("--k", type=int, default=5, help="axes per module projected (default 5)")
+    p.add_argument("--n-heldout", type=int, default=2, help="held-out pairs (default 2)")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per run (default 8)")
+    p.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate (default 0.05)")
     p.set_defaults(func=_cmd_example)
 
     p = sub.add_parser(

@@ -39,6 +39,7 @@ __all__ = [
     "basis_cache_path",
     "basis_from_gradients",
     "completion_grads",
+    "completion_losses",
     "encode",
     "encode_many",
     "extract",
@@ -146,6 +147,18 @@ def _completion_nll(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
     ).view(targets.shape)
     return (nll * w).sum(1) / w.sum(1)
+
+
+def completion_losses(model, tokenizer, items: Sequence[tuple[Prompt, str]]) -> torch.Tensor:
+    """Mean NLL of each completion's tokens given its prompt: float32 [n], differentiable.
+
+    items: (prompt, completion) pairs, tokenized like `extract` does (`encode_many`) and run as
+    one right-padded batch on the model's device.
+    """
+    seqs = encode_many(tokenizer, items)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    return _completion_nll(model, seqs, pad_id, device)
 
 
 def _check_finite(nll: torch.Tensor, grads: torch.Tensor, labels: Sequence[str]) -> None:
