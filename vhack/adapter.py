@@ -336,10 +336,11 @@ class Adapter:
 
         segment_ids: int64 [N], one id per token row (x.reshape(-1, d_in) of every wrapped Linear,
         e.g. torch.arange(B).repeat_interleave(T) for a [B, T] batch), in any order (contiguous
-        ids are the fast case of the Triton kernel), checked once here. Run the forward AND the
-        backward inside the block; afterwards `.packed` [n_segments, R_total] holds each segment's
-        gradient (their sum over segments is delta.grad's increment). Not for use with activation
-        checkpointing, which would run the capturing forward twice.
+        ids are the fast case of the Triton kernel), checked once here. Run the forward inside the
+        block (its backward may run inside or after it); once the backward ran, `.packed`
+        [n_segments, R_total] holds each segment's gradient, and delta's gradient is their sum
+        (each module's per-segment reduction runs once and gives both). Not for use with
+        activation checkpointing, which would run the capturing forward twice.
         """
         self._check_attached()
         if self._store.capture is not None:
@@ -349,7 +350,7 @@ class Adapter:
         if segment_ids.dim() != 1:
             raise ValueError(f"segment_ids must be 1-D [N], got shape {tuple(segment_ids.shape)}")
         segment_ids = segment_ids.to(self.delta.device).contiguous()
-        # Check the ids once here (one host sync), so the per-module hooks skip the check.
+        # Check the ids once here (one host sync), so the per-module reductions skip the check.
         n_segments = ops._check_segment_range(segment_ids, n_segments)
         capture = SegmentGrads(self, segment_ids, n_segments)
         self._store.capture = capture
