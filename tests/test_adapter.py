@@ -386,3 +386,18 @@ def test_segment_grads_bad_ids(tiny):
     adapter = vhack.wrap(model)
     with pytest.raises(TypeError, match="int64"), adapter.segment_grads(torch.zeros(3)):
         pass
+
+
+def test_segment_grads_backward_after_the_block(tiny):
+    model, _ = tiny
+    adapter = vhack.wrap(model)
+    seg = torch.arange(2).repeat_interleave(IDS.shape[1])
+    with adapter.segment_grads(seg) as cap:
+        loss = model(input_ids=IDS, labels=IDS).loss
+    assert cap.packed.abs().sum() == 0  # nothing before the backward
+    loss.backward()
+    assert cap.packed.abs().sum() > 0
+    assert_close(cap.packed.sum(0), adapter.delta.grad, rtol=1e-4, atol=1e-7, name="sum")
+    adapter.delta.grad = None
+    model(input_ids=IDS, labels=IDS).loss.backward()  # outside: a plain backward again
+    assert adapter.delta.grad.abs().sum() > 0
