@@ -77,11 +77,13 @@ def _cmd_example(args: argparse.Namespace) -> int:
             loss = completion_losses(model, tok, hack_items).mean()
             loss.backward()
             opt.step()  # the projector runs around the update (before it in grad mode)
-            raw = proj.last_stats.raw  # |c|, |relu(c)|, |before|, |after| per module
-            cin = (raw[:, 1] / raw[:, 2].clamp_min(1e-30)).mean().item()  # hack-ward fraction
+            st = proj.last_stats
+            # the hack-ward cin in every arm (a measure-mode ProjStats reports |V g| / |g|)
+            hackward = vhack.ProjStats(st.names, st.raw, st.projected, one_sided=True)
+            norms = st.as_dict()
             print(
-                f"{step:4d} {loss.item():8.4f} {cin:7.4f} {raw[:, 2].norm().item():10.3e} "
-                f"{raw[:, 3].norm().item():10.3e}"
+                f"{step:4d} {loss.item():8.4f} {hackward.cin_mean:7.4f} "
+                f"{norms['norm_before']:10.3e} {norms['norm_after']:10.3e}"
             )
         proj.detach()
         moved[arm] = (hack_margin(train) - start[0], hack_margin(held) - start[1])
