@@ -12,6 +12,7 @@ dS gradients are float32 whatever the input dtype (no intermediate is rounded): 
 dtype.
 """
 
+import functools
 import os
 
 import pytest
@@ -31,6 +32,35 @@ interpreter = pytest.mark.interpreter
 # the torch backend's 16-bit path runs its GEMMs natively, like the kernels: same tolerances
 BACKENDS = [pytest.param("triton", marks=interpreter), "torch"]
 REL_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@functools.cache
+def interpreter_truncates_bf16() -> bool:
+    """Whether Triton's interpreter converts float32 to bfloat16 by truncation (triton 3.9 does,
+    even with fp_downcast_rounding="rtne"), where compiled kernels round to nearest even."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _to_bf16_kernel(x_ptr, y_ptr):
+        tl.store(y_ptr, tl.load(x_ptr).to(tl.bfloat16))
+
+    x = torch.tensor([1.0 + 3 * 2.0**-9])  # halfway-plus: rounds up to 1 + 2^-7, truncates to 1
+    y = torch.empty(1, dtype=torch.bfloat16)
+    _to_bf16_kernel[(1,)](x, y)
+    return y.item() == 1.0
+
+
+def rel_tol(dtype: torch.dtype, backend: str) -> float:
+    """REL_TOL, doubled for bfloat16 Triton results under a truncating interpreter: truncation
+    errs by up to one bf16 ulp (2^-8 relative) per conversion instead of half of one."""
+    if dtype == torch.bfloat16 and backend == "triton" and interpreter_truncates_bf16():
+        return 2 * REL_TOL[dtype]
+    return REL_TOL[dtype]
+
+
 GRAD_TOL = 1e-4
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -108,7 +138,7 @@ def test_forward_matches_reference(backend, dtype, p):
     y = ops.svd_linear(x, U, S, dS, Vh, bias, backend=backend)
     expected = reference.svd_linear(*d64(x, U, S, dS, Vh, bias))
     assert y.dtype == dtype
-    check(y, expected, REL_TOL[dtype], "y")
+    check(y, expected, rel_tol(dtype, backend), "y")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -131,7 +161,7 @@ def test_backward_matches_reference(backend, dtype, p, dense, need):
     gx64, gdS64 = torch.autograd.grad(y64, (x64, dS64), gy.double())
     if need != "dS":
         # the dense path rounds W_eff to dtype: its dx carries that rounding too
-        check(x.grad, gx64, REL_TOL[dtype] * (2 if dense else 1), "dx")
+        check(x.grad, gx64, rel_tol(dtype, backend) * (2 if dense else 1), "dx")
     if need != "dx":
         assert dS_var.grad.dtype == torch.float32
         check(dS_var.grad, gdS64, GRAD_TOL, "dS grad")
@@ -245,11 +275,16 @@ def test_merge_matches_reference(dtype, d, r_frac, seed):
     r = max(1, int(r_frac * min(d_in, d_out)))
     U, S, dS, Vh = make_factors(d_in, d_out, r, dtype, seed)
     W = ops.merge_weight(U, S, dS, Vh, backend="triton")
-    check(W, reference.merge_weight(*d64(U, S, dS, Vh)), REL_TOL[dtype], "W_eff")
+    check(W, reference.merge_weight(*d64(U, S, dS, Vh)), rel_tol(dtype, "triton"), "W_eff")
     base = rand((d_out, d_in), dtype, seed + 5)
     W_res = ops.merge_weight(U, S, dS, Vh, base=base, backend="triton")
     assert W_res.dtype == dtype
-    check(W_res, reference.merge_weight(*d64(U, S, dS, Vh), base.double()), REL_TOL[dtype], "res")
+    check(
+        W_res,
+        reference.merge_weight(*d64(U, S, dS, Vh), base.double()),
+        rel_tol(dtype, "triton"),
+        "res",
+    )
     # residual form at dS = 0 is the base weight, bit for bit
     zero = ops.merge_weight(U, S, torch.zeros_like(dS), Vh, base=base, backend="triton")
     assert torch.equal(zero, base)
