@@ -251,3 +251,15 @@ def test_cli_extract_writes_a_loadable_basis(tmp_path, capsys):
     model, _ = vhack.models.load("tiny")
     basis = vhack.HackBasis.load(out, vhack.wrap(model, use_cache=False, progress=False))
     assert basis.metadata["top_k"] == "4" and len(basis) == 14
+
+
+def test_make_batches_fixed_size_and_token_budget(monkeypatch):
+    from vhack.extract import make_batches
+
+    lengths = [5, 50, 20, 40, 10]
+    assert make_batches(lengths, 2) == [[1, 3], [2, 4], [0]]  # longest first
+    monkeypatch.setattr(extract_module, "DEFAULT_BATCH_TOKENS", 100)
+    # Padded tokens = rows x the batch's longest row: 2 x 50, then 3 x 20 (4 x 20 would be 80,
+    # but only 3 rows are left), so every batch stays within 100.
+    assert make_batches(lengths) == [[1, 3], [2, 4, 0]]
+    assert make_batches([500, 3]) == [[0], [1]]  # a row over the budget gets a batch alone

@@ -95,11 +95,11 @@ def test_extraction_finds_the_planted_direction(planted):
 
 def test_heldout_projection_on_planted_pairs(planted):
     _, _, held, basis, _ = planted
-    result = heldout_projection(basis, LAYOUT, *held)
+    result = heldout_projection(basis, LAYOUT, held[0] - held[1])
     assert result["n_pairs"] == 4 and result["n_modules"] == 3
     assert result["frac_positive"] == 1.0 and result["median_cos"] > 0.5
     # Pairs with the labels swapped point the other way.
-    swapped = heldout_projection(basis, LAYOUT, held[1], held[0])
+    swapped = heldout_projection(basis, LAYOUT, held[1] - held[0])
     assert swapped["frac_positive"] == 0.0
 
 
@@ -159,13 +159,13 @@ def test_per_source_cin(planted):
 
 def test_bootstrap_stability_planted_vs_noise(planted):
     _, train, _, basis, gen = planted
-    stable = bootstrap_stability(basis.sliced(1), LAYOUT, *train, n_boot=10, seed=0)
+    stable = bootstrap_stability(basis.sliced(1), LAYOUT, train[0] - train[1], n_boot=10, seed=0)
     assert stable["n_boot"] == 10 and stable["n_train"] == 10
     assert stable["lead_sign_agreement"] == 1.0
     assert stable["median_principal_cos"] > 0.9 and stable["median_lead_cos"] > 0.9
     noise = torch.randn(10, R, generator=gen), torch.randn(10, R, generator=gen)
     noise_basis = basis_from_gradients(*noise, LAYOUT, top_k=1)
-    unstable = bootstrap_stability(noise_basis, LAYOUT, *noise, n_boot=10, seed=0)
+    unstable = bootstrap_stability(noise_basis, LAYOUT, noise[0] - noise[1], n_boot=10, seed=0)
     assert unstable["median_principal_cos"] < stable["median_principal_cos"] - 0.2
 
 
@@ -185,7 +185,7 @@ def test_bad_inputs(planted):
     with pytest.raises(ValueError, match="n_random"):
         random_null(basis, LAYOUT, grads, n_random=0)
     with pytest.raises(ValueError, match="n_train >= 2"):
-        bootstrap_stability(basis, LAYOUT, train[0][:1], train[1][:1])
+        bootstrap_stability(basis, LAYOUT, train[0][:1] - train[1][:1])
     wrong = SimpleNamespace(names=["a", "b", "c"], ranks=[16, 24, 9])
     with pytest.raises(ValueError, match="module shapes mismatch"):
         basis.packed(wrong)

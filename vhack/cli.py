@@ -127,8 +127,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=12, help="axes extracted per module (default 12)")
     p.add_argument("--tau-axis", type=float, default=0.0, help="zero axes with S_i/S_0 < tau")
     p.add_argument("--n-heldout", type=int, default=2, help="last pairs held out (default 2)")
-    p.add_argument("--method", choices=("batched", "loop"), default="batched")
-    p.add_argument("--batch-size", type=int, default=8, help="completions per backward")
+    p.add_argument(
+        "--method",
+        choices=("auto", "shared", "batched", "loop"),
+        default="auto",
+        help="how pair gradients are computed: 'shared' (one row per pair, the prompt once), "
+        "'batched' (completions batched), 'loop' (one backward per completion, the reference), "
+        "'auto' (shared where supported and cheaper, else batched; default)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="pairs (shared) or completions (batched) per backward (default: as many as fit "
+        "in 8192 padded tokens)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -8,20 +8,28 @@ a tokenizer without a chat template gets "role: content" lines followed by "assi
 prompt boundary is the length of tokenizer(prompt_text) (the common prefix, should the tokenizer
 merge tokens across the boundary). Nothing is appended to the completion (no EOS).
 
-The batched method computes the gradients of a batch of completions from ONE backward with the
-per-segment dS reduction (`Adapter.segment_grads`); the loop method runs one backward per
-completion and is the reference. Both use torch.autograd.grad, so a training run's accumulated
-`delta.grad` is never touched, and run the model in eval mode (its modes are restored after).
+Methods (all give the same D = G_hack - G_clean up to float32 summation order):
+- "shared": one row per pair, the prompt once and both completions after it under a mask that
+  keeps them apart (`vhack.shared_prompt`); ONE backward of sum(nll_hack - nll_clean) per batch of
+  pairs, split per pair by the per-segment dS reduction (`Adapter.segment_grads`).
+- "batched": a batch of completions per forward and ONE backward, split per completion.
+- "loop": one forward and backward per completion; the reference.
+- "auto" (the default): "shared" where the model supports it and the FLOP estimate says it is
+  cheaper (short completions after long prompts; any real model), else "batched". The first
+  shared extraction on a model also checks that its NLLs match an unshared forward and falls back
+  to "batched" with a warning if they do not.
+All use torch.autograd.grad, so a training run's accumulated `delta.grad` is never touched, and
+run the model in eval mode (its modes are restored after).
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import re
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,9 +42,19 @@ from vhack._version import __version__
 from vhack.basis import BasisFileError, HackBasis, adapter_fingerprint
 from vhack.cache import cache_dir as resolve_cache_dir
 from vhack.pairs import Pair, pairset_hash
+from vhack.shared_prompt import (
+    compute_dtype,
+    cost_ratio,
+    keeps_logits,
+    pack_pairs,
+    packed_length,
+    pair_nll,
+    unsupported_reason,
+)
 
 __all__ = [
     "basis_cache_path",
+    "basis_from_differences",
     "basis_from_gradients",
     "completion_grads",
     "completion_losses",
@@ -45,12 +63,16 @@ __all__ = [
     "extract",
     "extraction_metadata",
     "load_or_extract",
+    "make_batches",
+    "pair_differences",
     "pair_gradients",
     "prompt_text",
 ]
 
-METHODS = ("batched", "loop")
-DEFAULT_BATCH_SIZE = 8
+METHODS = ("batched", "loop")  # per-completion gradients
+PAIR_METHODS = ("auto", "shared", "batched", "loop")  # per-pair differences
+# batch_size=None: rows sorted by length, as many per forward as fit in this many padded tokens.
+DEFAULT_BATCH_TOKENS = 8192
 
 Prompt = str | Sequence[dict[str, str]]
 
@@ -113,13 +135,6 @@ def _extraction_mode(model: torch.nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _keeps_logits(model: torch.nn.Module) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _completion_nll(
     model: torch.nn.Module, seqs: list[tuple[list[int], int]], pad_id: int, device: torch.device
 ) -> torch.Tensor:
@@ -135,7 +150,7 @@ def _completion_nll(
     ids, weight = ids.to(device), weight.to(device)
     # Logits are needed from the position before the earliest completion token on.
     first = min(start for _, start in seqs) - 1
-    kwargs = {"logits_to_keep": T - first} if _keeps_logits(model) else {}
+    kwargs = {"logits_to_keep": T - first} if keeps_logits(model) else {}
     # No attention mask: in a causal LM, real tokens never attend to the right padding after them,
     # and the padding's own outputs carry zero loss weight (so zero gradient). Without a mask the
     # attention keeps its fast causal path.
@@ -161,7 +176,14 @@ def completion_losses(model, tokenizer, items: Sequence[tuple[Prompt, str]]) -> 
     return _completion_nll(model, seqs, pad_id, device)
 
 
-def _check_finite(nll: torch.Tensor, grads: torch.Tensor, labels: Sequence[str]) -> None:
+def _check_finite(
+    nll: torch.Tensor,
+    grads: torch.Tensor,
+    labels: Sequence[str],
+    grad_labels: Sequence[str] | None = None,
+) -> None:
+    """ValueError naming the first completion with a non-finite NLL, or the first gradient row
+    (labelled by grad_labels, default labels) that is not finite."""
     bad = (~torch.isfinite(nll)).nonzero().flatten().tolist()
     if bad:
         raise ValueError(
@@ -170,7 +192,41 @@ def _check_finite(nll: torch.Tensor, grads: torch.Tensor, labels: Sequence[str])
         )
     bad = (~torch.isfinite(grads).all(1)).nonzero().flatten().tolist()
     if bad:
-        raise ValueError(f"non-finite dS gradient for {labels[bad[0]]}")
+        raise ValueError(f"non-finite dS gradient for {(grad_labels or labels)[bad[0]]}")
+
+
+def _check_batch_size(batch_size) -> None:
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be None or an integer >= 1, got {batch_size!r}")
+
+
+def make_batches(lengths: Sequence[int], batch_size: int | None = None) -> list[list[int]]:
+    """Indices of rows of the given token lengths, longest first (to limit padding), grouped
+    batch_size per batch; batch_size=None: as many per batch as fit in DEFAULT_BATCH_TOKENS padded
+    tokens (rows x longest row), at least one."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if batch_size is not None:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i in order:  # the first row of a batch is its longest
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= DEFAULT_BATCH_TOKENS:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _check_encoded(seqs: Sequence[tuple[list[int], int]], labels: Sequence[str]) -> None:
+    for (ids, start), label in zip(seqs, labels, strict=True):
+        if start >= len(ids):
+            raise ValueError(f"{label}: the completion tokenizes to no tokens after the prompt")
+        if start == 0:
+            raise ValueError(
+                f"{label}: no prompt tokens precede the completion (does the tokenizer merge "
+                "the prompt's last characters with the completion's first?)"
+            )
 
 
 def completion_grads(
@@ -180,39 +236,31 @@ def completion_grads(
     *,
     labels: Sequence[str] | None = None,
     method: str = "batched",
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """Packed dS gradient of each completion's mean NLL: float32 [n, R_total] on delta's device.
 
     items: (prompt, completion) pairs. labels: names used in error messages (default "completion
-    i"). method "batched": `batch_size` completions per forward and ONE backward, split per
-    completion by `Adapter.segment_grads` (completions sorted by length to limit padding);
-    "loop": one forward and backward per completion. Raises ValueError naming the completion for
+    i"). method "batched": a batch of completions per forward and ONE backward, split per
+    completion by `Adapter.segment_grads` (batches from `make_batches`: batch_size completions,
+    or by default as many as fit in DEFAULT_BATCH_TOKENS padded tokens); "loop": one forward and
+    backward per completion. Raises ValueError naming the completion for
     a non-finite NLL or gradient, or a completion with no tokens.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    _check_batch_size(batch_size)
     labels = list(labels) if labels is not None else [f"completion {i}" for i in range(len(items))]
     seqs = encode_many(tokenizer, items)
-    for (ids, start), label in zip(seqs, labels, strict=True):
-        if start >= len(ids):
-            raise ValueError(f"{label}: the completion tokenizes to no tokens after the prompt")
-        if start == 0:
-            raise ValueError(
-                f"{label}: no prompt tokens precede the completion (does the tokenizer merge "
-                "the prompt's last characters with the completion's first?)"
-            )
+    _check_encoded(seqs, labels)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     delta, device = adapter.delta, adapter.delta.device
     out = torch.zeros(len(items), delta.numel(), dtype=torch.float32, device=device)
     if method == "loop":
         batches = [[i] for i in range(len(items))]
     else:
-        order = sorted(range(len(items)), key=lambda i: -len(seqs[i][0]))
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        batches = make_batches([len(ids) for ids, _ in seqs], batch_size)
 
     with _extraction_mode(adapter.model):
         for batch in tqdm(batches, desc="vhack: completion gradients", disable=not progress):
@@ -240,15 +288,15 @@ def pair_gradients(
     pairs: Sequence[Pair],
     *,
     method: str = "batched",
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     progress: bool = True,
     first_index: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(G_hack, G_clean): packed dS gradients [n_pairs, R_total] float32 of each pair's hack and
     clean completion (see `completion_grads`). first_index numbers the pairs in error messages."""
     items = [(p.prompt, p.hack) for p in pairs] + [(p.prompt, p.clean) for p in pairs]
-    labels = [f"pair {first_index + i} (hack)" for i in range(len(pairs))]
-    labels += [f"pair {first_index + i} (clean)" for i in range(len(pairs))]
+    hack_labels, clean_labels = _pair_labels(len(pairs), first_index)
+    labels = hack_labels + clean_labels
     G = completion_grads(
         adapter,
         tokenizer,
@@ -261,9 +309,181 @@ def pair_gradients(
     return G[: len(pairs)], G[len(pairs) :]
 
 
+def _pair_labels(n: int, first_index: int) -> tuple[list[str], list[str]]:
+    hack = [f"pair {first_index + i} (hack)" for i in range(n)]
+    clean = [f"pair {first_index + i} (clean)" for i in range(n)]
+    return hack, clean
+
+
+class _Inconclusive(Exception):
+    """The shared-prompt check could not compare (non-finite NLLs)."""
+
+
+# Per model: {(attention implementation, dtype): None when prompt sharing matched an unshared
+# forward, else why it did not}. Checked once per model and setting, on its first shared use.
+_SHARED_CHECKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Relative NLL difference allowed between the shared and the unshared forward of one pair.
+SHARED_CHECK_RTOL = {torch.float32: 1e-4, torch.float64: 1e-8}
+SHARED_CHECK_RTOL_HALF = 2e-2
+
+
+def _shared_mismatch(model, hack, clean, pad_id: int, device: torch.device) -> str | None:
+    """Run one pair both ways (no grad) and say how the NLLs differ, or None if they match.
+    Raises _Inconclusive when the unshared NLLs are not finite (the pass proper reports that)."""
+    with torch.no_grad():
+        nll_h, nll_c = pair_nll(model, pack_pairs([hack], [clean], pad_id).to(device))
+        alone = _completion_nll(model, [hack, clean], pad_id, device)
+    if not torch.isfinite(alone).all():
+        raise _Inconclusive
+    shared = torch.stack([nll_h[0], nll_c[0]])
+    dtype = compute_dtype(model)
+    rtol = SHARED_CHECK_RTOL.get(dtype, SHARED_CHECK_RTOL_HALF)
+    rel = ((shared - alone).abs() / alone.abs().clamp_min(1e-6)).max().item()
+    if not rel <= rtol:
+        return (
+            f"its NLLs differ from separate forwards by {rel:.2e} (relative; allowed {rtol:g}): "
+            "the model does not honour the custom attention mask or position ids"
+        )
+    return None
+
+
+def _resolve_method(adapter, method: str, hacks, cleans, pad_id: int) -> str:
+    """The method "auto" stands for here, and "shared" after checking the model supports it."""
+    model = adapter.model
+    if method in ("batched", "loop"):
+        return method
+    reason = unsupported_reason(model)
+    if reason is None and method == "auto":
+        linear = sum(mod.in_features * mod.out_features for mod in adapter.modules.values())
+        if cost_ratio(model, linear, hacks, cleans) >= 1.0:
+            return "batched"
+    if reason is None:
+        key = (model.config._attn_implementation, compute_dtype(model))
+        checks = _SHARED_CHECKS.setdefault(model, {})
+        if key not in checks:
+            try:
+                with _extraction_mode(model):
+                    checks[key] = _shared_mismatch(
+                        model, hacks[0], cleans[0], pad_id, adapter.delta.device
+                    )
+            except _Inconclusive:
+                return "shared"
+        reason = checks[key]
+    if reason is None:
+        return "shared"
+    if method == "shared":
+        warnings.warn(
+            f"prompt sharing is off for this model: {reason}; using 'batched'", stacklevel=3
+        )
+    return "batched"
+
+
+def pair_differences(
+    adapter,
+    tokenizer,
+    pairs: Sequence[Pair],
+    *,
+    method: str = "auto",
+    batch_size: int | None = None,
+    progress: bool = True,
+    first_index: int = 0,
+) -> torch.Tensor:
+    """D = G_hack - G_clean: float32 [n_pairs, R_total] on delta's device, per pair the packed dS
+    gradient of the hack completion's mean NLL minus the clean one's.
+
+    method: "shared", "batched", "loop" or "auto" (module docstring). batch_size: rows per
+    backward, i.e. pairs for "shared" and completions for "batched"; None (default) fits as many
+    as DEFAULT_BATCH_TOKENS padded tokens allow (`make_batches`). "shared" on a model that
+    cannot share prompts warns and uses "batched". first_index numbers the pairs in error
+    messages. Raises ValueError naming the pair for a non-finite NLL or gradient.
+    """
+    if method not in PAIR_METHODS:
+        raise ValueError(f"method must be one of {PAIR_METHODS}, got {method!r}")
+    _check_batch_size(batch_size)
+    hack_labels, clean_labels = _pair_labels(len(pairs), first_index)
+    encoded = encode_many(
+        tokenizer, [(p.prompt, p.hack) for p in pairs] + [(p.prompt, p.clean) for p in pairs]
+    )
+    _check_encoded(encoded, hack_labels + clean_labels)
+    hacks, cleans = encoded[: len(pairs)], encoded[len(pairs) :]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if _resolve_method(adapter, method, hacks, cleans, pad_id) != "shared":
+        G_hack, G_clean = pair_gradients(
+            adapter,
+            tokenizer,
+            pairs,
+            method="loop" if method == "loop" else "batched",
+            batch_size=batch_size,
+            progress=progress,
+            first_index=first_index,
+        )
+        return G_hack - G_clean
+
+    delta, device = adapter.delta, adapter.delta.device
+    out = torch.zeros(len(pairs), delta.numel(), dtype=torch.float32, device=device)
+    lengths = [packed_length(h, c) for h, c in zip(hacks, cleans, strict=True)]
+    batches = make_batches(lengths, batch_size)
+    with _extraction_mode(adapter.model):
+        for batch in tqdm(batches, desc="vhack: pair differences", disable=not progress):
+            packed = pack_pairs([hacks[i] for i in batch], [cleans[i] for i in batch], pad_id)
+            packed = packed.to(device)
+            segment_ids = torch.arange(len(batch), device=device).repeat_interleave(
+                packed.input_ids.shape[1]
+            )
+            with adapter.segment_grads(segment_ids, len(batch)) as cap:
+                nll_hack, nll_clean = pair_nll(adapter.model, packed)
+                torch.autograd.grad((nll_hack - nll_clean).sum(), delta)
+            _check_finite(
+                torch.cat([nll_hack, nll_clean]).detach(),
+                cap.packed,
+                [hack_labels[i] for i in batch] + [clean_labels[i] for i in batch],
+                [f"pair {first_index + i}" for i in batch],
+            )
+            out[torch.tensor(batch, device=device)] = cap.packed
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Basis from gradients
 # ---------------------------------------------------------------------------------------------
+
+
+def basis_from_differences(
+    D: torch.Tensor,
+    layout,
+    top_k: int = 12,
+    tau_axis: float = 0.0,
+    metadata: dict[str, str] | None = None,
+) -> HackBasis:
+    """Per module m: the SVD of the paired differences D[:, m] in float32, top-k rows oriented by
+    per-pair majority vote, rows with S_i / S_0 < tau_axis zeroed (`reference.difference_basis`).
+
+    D [n_pairs, R_total] (G_hack - G_clean, see `pair_differences`) packed in the order of
+    `layout` (an Adapter, or any object with `.names` and `.ranks`). Returns a HackBasis on D's
+    device with min(top_k, n_pairs, r_m) axes per module.
+    """
+    names, ranks = list(layout.names), list(layout.ranks)
+    total = sum(ranks)
+    if D.dim() != 2 or D.shape[1] != total:
+        raise ValueError(f"D must be [n_pairs, {total}], got {tuple(D.shape)}")
+    # Modules of one width r share one batched SVD (a model has few distinct shapes).
+    starts = [0]
+    for r in ranks[:-1]:
+        starts.append(starts[-1] + r)
+    by_width: dict[int, list[int]] = {}
+    for m, r in enumerate(ranks):
+        by_width.setdefault(r, []).append(m)
+    V, sv = {}, {}
+    D = D.float()
+    for r, members in by_width.items():
+        cols = torch.stack([torch.arange(starts[m], starts[m] + r) for m in members])
+        cols = cols.to(D.device)  # [n_modules, r]
+        V_group, sv_group = reference.difference_basis(
+            D[:, cols].transpose(0, 1), top_k, tau_axis
+        )  # D[:, cols]: [n_pairs, n_modules, r]
+        for i, m in enumerate(members):
+            V[names[m]], sv[names[m]] = V_group[i], sv_group[i]
+    return HackBasis({n: V[n] for n in names}, {n: sv[n] for n in names}, metadata)
 
 
 def basis_from_gradients(
@@ -274,37 +494,17 @@ def basis_from_gradients(
     tau_axis: float = 0.0,
     metadata: dict[str, str] | None = None,
 ) -> HackBasis:
-    """Per module m: D = G_hack[:, m] - G_clean[:, m], SVD in float32, top-k rows oriented by
-    per-pair majority vote, rows with S_i / S_0 < tau_axis zeroed (`reference.paired_difference_basis`).
-
-    G_hack, G_clean [n_pairs, R_total] packed in the order of `layout` (an Adapter, or any object
-    with `.names` and `.ranks`). Returns a HackBasis on the gradients' device with
-    min(top_k, n_pairs, r_m) axes per module.
-    """
-    names, ranks = list(layout.names), list(layout.ranks)
-    total = sum(ranks)
+    """`basis_from_differences(G_hack - G_clean, ...)`; G_hack, G_clean [n_pairs, R_total] are the
+    gradients of each pair's hack and clean completion (see `pair_gradients`)."""
+    total = sum(layout.ranks)
     if G_hack.shape != G_clean.shape or G_hack.dim() != 2 or G_hack.shape[1] != total:
         raise ValueError(
             f"G_hack and G_clean must both be [n_pairs, {total}], got {tuple(G_hack.shape)} and "
             f"{tuple(G_clean.shape)}"
         )
-    # Modules of one width r share one batched SVD (a model has few distinct shapes).
-    starts = [0]
-    for r in ranks[:-1]:
-        starts.append(starts[-1] + r)
-    by_width: dict[int, list[int]] = {}
-    for m, r in enumerate(ranks):
-        by_width.setdefault(r, []).append(m)
-    V, sv = {}, {}
-    for r, members in by_width.items():
-        cols = torch.stack([torch.arange(starts[m], starts[m] + r) for m in members])
-        cols = cols.to(G_hack.device)  # [n_modules, r]
-        h = G_hack.float()[:, cols].transpose(0, 1)  # [n_modules, n_pairs, r]
-        c = G_clean.float()[:, cols].transpose(0, 1)
-        V_group, sv_group = reference.paired_difference_basis(h, c, top_k, tau_axis)
-        for i, m in enumerate(members):
-            V[names[m]], sv[names[m]] = V_group[i], sv_group[i]
-    return HackBasis({n: V[n] for n in names}, {n: sv[n] for n in names}, metadata)
+    return basis_from_differences(
+        G_hack.float() - G_clean.float(), layout, top_k, tau_axis, metadata
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,8 +543,8 @@ def extract(
     tau_axis: float = 0.0,
     n_heldout: int = 2,
     *,
-    method: str = "batched",
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    method: str = "auto",
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> HackBasis:
     """Extract a hack basis from contrastive pairs on a wrapped model, at its current dS.
@@ -352,22 +552,19 @@ def extract(
     The last n_heldout pairs are held out (for `vhack.validate`); from the others: the dS gradient
     of every completion's mean NLL (module docstring), D = G_hack - G_clean per module, its SVD in
     float32, the top-k right singular vectors oriented by per-pair majority vote (ties keep +),
-    rows with S_i / S_0 < tau_axis zeroed, and the singular values kept. method: "batched" (one
-    backward per batch of `batch_size` completions) or "loop" (one per completion, the reference).
-    Returns a HackBasis on delta's device with the schema-v2 metadata.
+    rows with S_i / S_0 < tau_axis zeroed, and the singular values kept. method: "auto",
+    "shared", "batched" or "loop" (see `pair_differences`); batch_size: pairs ("shared") or
+    completions ("batched") per backward, by default as many as fit in DEFAULT_BATCH_TOKENS
+    padded tokens. Returns a HackBasis on delta's device with the
+    schema-v2 metadata.
     """
     check_extract_args(pairs, top_k, tau_axis, n_heldout)
     train = list(pairs[: len(pairs) - n_heldout])
-    G_hack, G_clean = pair_gradients(
+    D = pair_differences(
         adapter, tokenizer, train, method=method, batch_size=batch_size, progress=progress
     )
-    return basis_from_gradients(
-        G_hack,
-        G_clean,
-        adapter,
-        top_k,
-        tau_axis,
-        extraction_metadata(adapter, pairs, top_k, tau_axis, n_heldout),
+    return basis_from_differences(
+        D, adapter, top_k, tau_axis, extraction_metadata(adapter, pairs, top_k, tau_axis, n_heldout)
     )
 
 
@@ -430,8 +627,8 @@ def load_or_extract(
     tau_axis: float = 0.0,
     n_heldout: int = 2,
     drop_bottom_frac: float = 0.0,
-    method: str = "batched",
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    method: str = "auto",
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> HackBasis:
     """Load the cached basis of this model and pair set (see `basis_cache_path`), extracting and

@@ -35,12 +35,11 @@ import torch
 from vhack import ops
 from vhack.basis import HackBasis, PackedBasis
 from vhack.extract import (
-    DEFAULT_BATCH_SIZE,
-    basis_from_gradients,
+    basis_from_differences,
     check_extract_args,
     completion_grads,
     extraction_metadata,
-    pair_gradients,
+    pair_differences,
 )
 from vhack.packing import offsets_from_sizes
 from vhack.pairs import Pair, normalize_prompt, pairset_hash
@@ -160,20 +159,18 @@ def cin_discrimination(
 # ---------------------------------------------------------------------------------------------
 
 
-def heldout_projection(
-    basis: HackBasis, layout, G_hack: torch.Tensor, G_clean: torch.Tensor
-) -> dict:
+def heldout_projection(basis: HackBasis, layout, diffs: torch.Tensor) -> dict:
     """Test 2: do held-out pairs point along the leading hack axis?
 
-    G_hack, G_clean [n_heldout, R_total]. Per module of the basis: cos between its leading axis
-    v_0 and the mean held-out difference d = mean(G_hack - G_clean) (skipped when d = 0). Returns
-    the fraction of modules with cos > 0, the median cos, and cos per module.
+    diffs [n_heldout, R_total]: the held-out pairs' differences G_hack - G_clean
+    (`vhack.extract.pair_differences`). Per module of the basis: cos between its leading axis v_0
+    and the mean held-out difference d (skipped when d = 0). Returns the fraction of modules with
+    cos > 0, the median cos, and cos per module.
     """
-    _check_grads(G_hack, layout, "G_hack")
-    _check_grads(G_clean, layout, "G_clean")
-    if G_hack.shape != G_clean.shape or G_hack.shape[0] == 0:
-        raise ValueError("G_hack and G_clean must have the same shape and at least one pair")
-    d = (G_hack.float() - G_clean.float()).mean(0)
+    _check_grads(diffs, layout, "diffs")
+    if diffs.shape[0] == 0:
+        raise ValueError("heldout_projection needs at least one held-out pair")
+    d = diffs.float().mean(0)
     start = dict(zip(layout.names, _offsets(layout, "cpu").tolist(), strict=False))
     cos = {}
     for name in basis.names:
@@ -183,7 +180,7 @@ def heldout_projection(
             cos[name] = (v0 @ dm / (dm.norm() * v0.norm())).item()
     values = torch.tensor(list(cos.values()), dtype=torch.float64)
     return {
-        "n_pairs": G_hack.shape[0],
+        "n_pairs": diffs.shape[0],
         "n_modules": len(cos),
         "frac_positive": (values > 0).double().mean().item() if len(cos) else float("nan"),
         "median_cos": values.median().item() if len(cos) else float("nan"),
@@ -301,8 +298,7 @@ def per_source_cin(
 def bootstrap_stability(
     basis: HackBasis,
     layout,
-    G_hack: torch.Tensor,
-    G_clean: torch.Tensor,
+    diffs: torch.Tensor,
     *,
     n_boot: int = 20,
     seed: int = 0,
@@ -311,7 +307,7 @@ def bootstrap_stability(
 ) -> dict:
     """Test 5: does the basis survive resampling of the training pairs?
 
-    G_hack, G_clean [n_train, R_total]: the cached training-pair gradients (no new backward). Each
+    diffs [n_train, R_total]: the training pairs' cached differences (no new backward). Each
     of n_boot rounds resamples n_train pairs with replacement and re-extracts (top_k, tau_axis
     default to the basis metadata). Per module, with k = the basis's axes: the principal-angle
     cosines between the original and the bootstrap span (singular values of V V_b^T, non-zero
@@ -319,19 +315,18 @@ def bootstrap_stability(
     principal cosine, the fraction of (module, round) where the leading axis keeps its sign, the
     median signed leading cos, and per-module means.
     """
-    _check_grads(G_hack, layout, "G_hack")
-    _check_grads(G_clean, layout, "G_clean")
-    n = G_hack.shape[0]
-    if G_clean.shape != G_hack.shape or n < 2:
-        raise ValueError("bootstrap_stability needs G_hack and G_clean [n_train >= 2, R_total]")
+    _check_grads(diffs, layout, "diffs")
+    n = diffs.shape[0]
+    if n < 2:
+        raise ValueError("bootstrap_stability needs diffs [n_train >= 2, R_total]")
     top_k = top_k if top_k is not None else int(basis.metadata.get("top_k", 12))
     tau_axis = tau_axis if tau_axis is not None else float(basis.metadata.get("tau_axis", 0.0))
     gen = torch.Generator().manual_seed(seed)
     principal = {name: [] for name in basis.names}
     lead = {name: [] for name in basis.names}
     for _ in range(n_boot):
-        idx = torch.randint(n, (n,), generator=gen).to(G_hack.device)
-        boot = basis_from_gradients(G_hack[idx], G_clean[idx], layout, top_k, tau_axis)
+        idx = torch.randint(n, (n,), generator=gen).to(diffs.device)
+        boot = basis_from_differences(diffs[idx], layout, top_k, tau_axis)
         for name in basis.names:
             V = basis.V(name).to(torch.float64).cpu()
             Vb = boot.V(name)[: V.shape[0]].to(torch.float64).cpu()
@@ -402,29 +397,29 @@ def validate(
     n_random: int = 100,
     n_boot: int = 20,
     seed: int = 0,
-    method: str = "batched",
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    method: str = "auto",
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Run the five tests on a wrapped model and a pair set; returns a JSON-ready dict.
 
-    The gradients of every pair (training and held-out) are computed once. basis: the basis to
-    test (e.g. `HackBasis.load(...)`); by default it is extracted here from the training pairs,
-    sliced to k axes and reduced by the noise floor drop_bottom_frac (as `HackBasis.load` does). samples: labelled (prompt, completion, label) samples for tests 1 and 4
-    (labels "hack"/"clean" for test 1); by default the held-out pairs' completions. Test 2 and the
-    null of test 3 use the held-out pairs' differences (the training pairs' when n_heldout = 0,
-    flagged "in_sample").
+    The differences D = G_hack - G_clean of every pair (training and held-out) are computed once
+    (`vhack.extract.pair_differences` with method and batch_size; the samples' gradients with
+    "batched", or "loop" when method is "loop"). basis: the basis to test (e.g.
+    `HackBasis.load(...)`); by default it is extracted here from the training pairs, sliced to k
+    axes and reduced by the noise floor drop_bottom_frac (as `HackBasis.load` does). samples:
+    labelled (prompt, completion, label) samples for tests 1 and 4 (labels "hack"/"clean" for
+    test 1); by default the held-out pairs' completions. Test 2 and the null of test 3 use the
+    held-out pairs' differences (the training pairs' when n_heldout = 0, flagged "in_sample").
     """
     check_extract_args(pairs, top_k, tau_axis, n_heldout)
     n_train = len(pairs) - n_heldout
-    G_hack, G_clean = pair_gradients(
+    D = pair_differences(
         adapter, tokenizer, pairs, method=method, batch_size=batch_size, progress=progress
     )
     if basis is None:
         meta = extraction_metadata(adapter, pairs, top_k, tau_axis, n_heldout)
-        basis = basis_from_gradients(
-            G_hack[:n_train], G_clean[:n_train], adapter, top_k, tau_axis, meta
-        )
+        basis = basis_from_differences(D[:n_train], adapter, top_k, tau_axis, meta)
         if k is not None:
             basis = basis.sliced(k)
         basis = basis.noise_floor(drop_bottom_frac)
@@ -440,12 +435,11 @@ def validate(
     in_sample = n_heldout == 0
     held = slice(n_train, None) if not in_sample else slice(0, n_train)
     report["heldout_projection"] = {
-        **heldout_projection(basis, adapter, G_hack[held], G_clean[held]),
+        **heldout_projection(basis, adapter, D[held]),
         "in_sample": in_sample,
     }
-    diffs = G_hack[held] - G_clean[held]
     report["random_null"] = {
-        **random_null(basis, adapter, diffs, n_random=n_random, seed=seed),
+        **random_null(basis, adapter, D[held], n_random=n_random, seed=seed),
         "in_sample": in_sample,
     }
     if samples is None:
@@ -459,7 +453,7 @@ def validate(
         tokenizer,
         [(prompt, completion) for prompt, completion, _ in samples],
         labels=[f"sample {i} ({label})" for i, (_, _, label) in enumerate(samples)],
-        method=method,
+        method="loop" if method == "loop" else "batched",
         batch_size=batch_size,
         progress=progress,
     )
@@ -477,7 +471,7 @@ def validate(
         report["cin_discrimination"] = {"skipped": "needs samples labelled 'hack' and 'clean'"}
     report["per_source_cin"] = per_source_cin(basis, adapter, sample_grads, labels)
     report["bootstrap_stability"] = bootstrap_stability(
-        basis, adapter, G_hack[:n_train], G_clean[:n_train], n_boot=n_boot, seed=seed
+        basis, adapter, D[:n_train], n_boot=n_boot, seed=seed
     )
     return report
 
