@@ -24,10 +24,10 @@ def test_bench_extract_smoke(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "best batched speedup" in result.stdout
+    assert "toy: best " in result.stdout and "auto (shared)" in result.stdout
     (path,) = tmp_path.glob("bench_extract-smoke-*.json")
     data = json.loads(path.read_text())
-    assert {r["method"] for r in data["rows"]} == {"loop", "batched"}
-    assert all(r["grad_rel_diff_vs_loop"] < 1e-4 for r in data["rows"])
+    assert {r["method"] for r in data["rows"]} == {"loop", "batched", "shared", "auto"}
+    assert all(r["diff_rel_vs_loop"] < 1e-4 for r in data["rows"])
     assert data["env"]["device_type"] == "cpu"
     assert path.with_suffix(".png").stat().st_size > 0

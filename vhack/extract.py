@@ -107,9 +107,14 @@ def encode_many(tokenizer, items: Sequence[tuple[Prompt, str]]) -> list[tuple[li
         idx = [i for i, (p, _) in enumerate(items) if isinstance(p, str) == add_special]
         if not idx:
             continue
-        full = tokenizer([texts[i] + items[i][1] for i in idx], add_special_tokens=add_special)
-        prompts = tokenizer([texts[i] for i in idx], add_special_tokens=add_special)
-        for i, ids, prompt_ids in zip(idx, full["input_ids"], prompts["input_ids"], strict=True):
+        # One tokenizer call for the full texts and the distinct prompts (a pair's two
+        # completions share theirs).
+        prompts = list(dict.fromkeys(texts[i] for i in idx))
+        fulls = [texts[i] + items[i][1] for i in idx]
+        ids_all = tokenizer(fulls + prompts, add_special_tokens=add_special)["input_ids"]
+        prompt_ids_of = dict(zip(prompts, ids_all[len(fulls) :], strict=True))
+        for i, ids in zip(idx, ids_all[: len(fulls)], strict=True):
+            prompt_ids = prompt_ids_of[texts[i]]
             start = 0  # the common prefix, should the tokenizer merge across the boundary
             while start < min(len(ids), len(prompt_ids)) and ids[start] == prompt_ids[start]:
                 start += 1
@@ -120,6 +125,10 @@ def encode_many(tokenizer, items: Sequence[tuple[Prompt, str]]) -> list[tuple[li
 # ---------------------------------------------------------------------------------------------
 # Per-completion gradients
 # ---------------------------------------------------------------------------------------------
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 @contextmanager
@@ -171,7 +180,7 @@ def completion_losses(model, tokenizer, items: Sequence[tuple[Prompt, str]]) -> 
     one right-padded batch on the model's device.
     """
     seqs = encode_many(tokenizer, items)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = _pad_id(tokenizer)
     device = next(model.parameters()).device
     return _completion_nll(model, seqs, pad_id, device)
 
@@ -245,8 +254,8 @@ def completion_grads(
     i"). method "batched": a batch of completions per forward and ONE backward, split per
     completion by `Adapter.segment_grads` (batches from `make_batches`: batch_size completions,
     or by default as many as fit in DEFAULT_BATCH_TOKENS padded tokens); "loop": one forward and
-    backward per completion. Raises ValueError naming the completion for
-    a non-finite NLL or gradient, or a completion with no tokens.
+    backward per completion. Raises ValueError naming the completion for a non-finite NLL or
+    gradient, or a completion with no tokens.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -254,11 +263,25 @@ def completion_grads(
     labels = list(labels) if labels is not None else [f"completion {i}" for i in range(len(items))]
     seqs = encode_many(tokenizer, items)
     _check_encoded(seqs, labels)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return _grads_of_encoded(
+        adapter, seqs, labels, _pad_id(tokenizer), method, batch_size, progress
+    )
+
+
+def _grads_of_encoded(
+    adapter,
+    seqs: Sequence[tuple[list[int], int]],
+    labels: Sequence[str],
+    pad_id: int,
+    method: str,
+    batch_size: int | None,
+    progress: bool,
+) -> torch.Tensor:
+    """`completion_grads` of already encoded (and checked) completions."""
     delta, device = adapter.delta, adapter.delta.device
-    out = torch.zeros(len(items), delta.numel(), dtype=torch.float32, device=device)
+    out = torch.zeros(len(seqs), delta.numel(), dtype=torch.float32, device=device)
     if method == "loop":
-        batches = [[i] for i in range(len(items))]
+        batches = [[i] for i in range(len(seqs))]
     else:
         batches = make_batches([len(ids) for ids, _ in seqs], batch_size)
 
@@ -406,18 +429,13 @@ def pair_differences(
     )
     _check_encoded(encoded, hack_labels + clean_labels)
     hacks, cleans = encoded[: len(pairs)], encoded[len(pairs) :]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if _resolve_method(adapter, method, hacks, cleans, pad_id) != "shared":
-        G_hack, G_clean = pair_gradients(
-            adapter,
-            tokenizer,
-            pairs,
-            method="loop" if method == "loop" else "batched",
-            batch_size=batch_size,
-            progress=progress,
-            first_index=first_index,
+    pad_id = _pad_id(tokenizer)
+    resolved = _resolve_method(adapter, method, hacks, cleans, pad_id)
+    if resolved != "shared":
+        G = _grads_of_encoded(
+            adapter, encoded, hack_labels + clean_labels, pad_id, resolved, batch_size, progress
         )
-        return G_hack - G_clean
+        return G[: len(pairs)] - G[len(pairs) :]
 
     delta, device = adapter.delta, adapter.delta.device
     out = torch.zeros(len(pairs), delta.numel(), dtype=torch.float32, device=device)
