@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 import vhack
-from vhack.extract import DEFAULT_BATCH_TOKENS, _resolve_method, encode_many, pair_differences
+from vhack.extract import DEFAULT_BATCH_TOKENS, choose_method, encode_many, pair_differences
 from vhack.pairs import resolve_pairs
 
 TARGET_SPEEDUP = 5.0
@@ -39,12 +39,6 @@ def _encoded(tok, pairs) -> tuple[list, list]:
     return enc[: len(pairs)], enc[len(pairs) :]
 
 
-def auto_choice(adapter, tok, pairs) -> str:
-    """The method method="auto" runs for these pairs on this model."""
-    hacks, cleans = _encoded(tok, pairs)
-    return _resolve_method(adapter, "auto", hacks, cleans, tok.pad_token_id or 0)
-
-
 def bench_pairset(
     adapter, tok, name: str, pairs, batch_sizes, pair_batch_sizes, n_heldout, device, reps
 ) -> list:
@@ -53,7 +47,7 @@ def bench_pairset(
     tokens = sum(len(ids) for ids, _ in hacks + cleans)
     # Same differences from every method (float32 summation order aside).
     loop_D = pair_differences(adapter, tok, train, method="loop", progress=False)
-    auto = auto_choice(adapter, tok, train)
+    auto = choose_method(adapter, tok, train, "auto")
     rows = []
     # batch size None: as many rows as fit in DEFAULT_BATCH_TOKENS padded tokens (the default).
     settings = [("loop", 1)] + [("batched", b) for b in [*batch_sizes, None]]

@@ -247,7 +247,7 @@ def test_cli_extract_writes_a_loadable_basis(tmp_path, capsys):
     out = tmp_path / "basis.safetensors"
     argv = ["extract", "--pairs", "toy", "--top-k", "4", "--out", str(out), "--quiet"]
     assert cli.main([*argv, "--device", "cpu"]) == 0
-    assert "written to" in capsys.readouterr().out
+    assert "training pairs, shared gradients) written to" in capsys.readouterr().out
     model, _ = vhack.models.load("tiny")
     basis = vhack.HackBasis.load(out, vhack.wrap(model, use_cache=False, progress=False))
     assert basis.metadata["top_k"] == "4" and len(basis) == 14
@@ -259,7 +259,21 @@ def test_make_batches_fixed_size_and_token_budget(monkeypatch):
     lengths = [5, 50, 20, 40, 10]
     assert make_batches(lengths, 2) == [[1, 3], [2, 4], [0]]  # longest first
     monkeypatch.setattr(extract_module, "DEFAULT_BATCH_TOKENS", 100)
-    # Padded tokens = rows x the batch's longest row: 2 x 50, then 3 x 20 (4 x 20 would be 80,
-    # but only 3 rows are left), so every batch stays within 100.
+    # Padded tokens = rows x the batch's longest row: 2 x 50 = 100 (a third row would make 150),
+    # then 3 x 20 = 60 for the rest.
     assert make_batches(lengths) == [[1, 3], [2, 4, 0]]
     assert make_batches([500, 3]) == [[0], [1]]  # a row over the budget gets a batch alone
+
+
+def test_choose_method(wrapped):
+    from vhack.extract import choose_method
+
+    adapter, tok = wrapped
+    toy, coding = vhack.builtin_pairs("toy"), vhack.builtin_pairs("coding")
+    assert choose_method(adapter, tok, toy) == "shared"  # short completions after long prompts
+    assert choose_method(adapter, tok, coding) == "batched"  # attention-bound on the tiny model
+    assert choose_method(adapter, tok, coding, "shared") == "shared"  # asked for, and supported
+    assert choose_method(adapter, tok, toy, "loop") == "loop"
+    assert choose_method(adapter, tok, [], "auto") == "batched"
+    with pytest.raises(ValueError, match="method must be one of"):
+        choose_method(adapter, tok, toy, "fast")

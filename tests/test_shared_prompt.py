@@ -169,6 +169,9 @@ def test_unsupported_models_are_named():
     assert "flash_attention_2" in unsupported_reason(model)
     model = vhack.models.tiny_model(use_sliding_window=True, sliding_window=8)
     assert "sliding-window" in unsupported_reason(model)
+    model = vhack.models.tiny_model()
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    assert "other than full attention (linear_attention)" in unsupported_reason(model)
 
 
 def test_shared_on_an_unsupported_model_warns_and_falls_back():
@@ -176,7 +179,7 @@ def test_shared_on_an_unsupported_model_warns_and_falls_back():
     model = vhack.models.tiny_model(use_sliding_window=True, sliding_window=8, max_window_layers=0)
     adapter = vhack.wrap(model, use_cache=False, progress=False)
     pairs = vhack.builtin_pairs("toy")[:3]
-    with pytest.warns(UserWarning, match="prompt sharing is off for this model: .*sliding-window"):
+    with pytest.warns(UserWarning, match="prompt sharing is off for this model: .*sliding"):
         D = pair_differences(adapter, tok, pairs, method="shared", progress=False)
     G_hack, G_clean = pair_gradients(adapter, tok, pairs, method="loop", progress=False)
     assert _rel(D, G_hack - G_clean) < 1e-5

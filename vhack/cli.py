@@ -148,12 +148,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _cmd_extract(args: argparse.Namespace) -> int:
     """Extract a hack basis from contrastive pairs and save it (safetensors, schema v2)."""
     import vhack
-    from vhack.extract import basis_cache_path
+    from vhack.extract import basis_cache_path, check_extract_args, choose_method
     from vhack.pairs import resolve_pairs
 
     t0 = time.perf_counter()
     pairs = resolve_pairs(args.pairs)
     _, tok, adapter = _wrapped(args)
+    check_extract_args(pairs, args.top_k, args.tau_axis, args.n_heldout)
+    train = pairs[: len(pairs) - args.n_heldout]
+    method = choose_method(adapter, tok, train, args.method)
     basis = vhack.extract(
         adapter,
         tok,
@@ -161,7 +164,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         args.top_k,
         args.tau_axis,
         args.n_heldout,
-        method=args.method,
+        method=method,
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
@@ -173,7 +176,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     ]
     print(
         f"hack basis of {len(basis)} modules (up to {max(basis.k(n) for n in basis.names)} axes, "
-        f"{len(pairs) - args.n_heldout} training pairs) written to {path}\n"
+        f"{len(train)} training pairs, {method} gradients) written to {path}\n"
         f"mean fraction of D's energy in the top 5 axes: {sum(top5) / len(top5):.3f}; "
         f"{time.perf_counter() - t0:.1f} s"
     )

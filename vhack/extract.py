@@ -56,6 +56,7 @@ __all__ = [
     "basis_cache_path",
     "basis_from_differences",
     "basis_from_gradients",
+    "choose_method",
     "completion_grads",
     "completion_losses",
     "encode",
@@ -338,6 +339,16 @@ def _pair_labels(n: int, first_index: int) -> tuple[list[str], list[str]]:
     return hack, clean
 
 
+def _encode_pairs(tokenizer, pairs: Sequence[Pair], first_index: int) -> tuple[list, list[str]]:
+    """(encoded hack completions then clean ones, their labels), checked by `_check_encoded`."""
+    hack_labels, clean_labels = _pair_labels(len(pairs), first_index)
+    encoded = encode_many(
+        tokenizer, [(p.prompt, p.hack) for p in pairs] + [(p.prompt, p.clean) for p in pairs]
+    )
+    _check_encoded(encoded, hack_labels + clean_labels)
+    return encoded, hack_labels + clean_labels
+
+
 class _Inconclusive(Exception):
     """The shared-prompt check could not compare (non-finite NLLs)."""
 
@@ -401,6 +412,19 @@ def _resolve_method(adapter, method: str, hacks, cleans, pad_id: int) -> str:
     return "batched"
 
 
+def choose_method(adapter, tokenizer, pairs: Sequence[Pair], method: str = "auto") -> str:
+    """The method `pair_differences(adapter, tokenizer, pairs, method=method)` runs: "shared",
+    "batched" or "loop" (for "auto", "shared" or "batched" per the module docstring; for "shared"
+    on a model that cannot share prompts, "batched" with a warning)."""
+    if method not in PAIR_METHODS:
+        raise ValueError(f"method must be one of {PAIR_METHODS}, got {method!r}")
+    if not pairs:
+        return "batched" if method != "loop" else "loop"
+    encoded, _ = _encode_pairs(tokenizer, pairs, 0)
+    hacks, cleans = encoded[: len(pairs)], encoded[len(pairs) :]
+    return _resolve_method(adapter, method, hacks, cleans, _pad_id(tokenizer))
+
+
 def pair_differences(
     adapter,
     tokenizer,
@@ -423,18 +447,12 @@ def pair_differences(
     if method not in PAIR_METHODS:
         raise ValueError(f"method must be one of {PAIR_METHODS}, got {method!r}")
     _check_batch_size(batch_size)
-    hack_labels, clean_labels = _pair_labels(len(pairs), first_index)
-    encoded = encode_many(
-        tokenizer, [(p.prompt, p.hack) for p in pairs] + [(p.prompt, p.clean) for p in pairs]
-    )
-    _check_encoded(encoded, hack_labels + clean_labels)
+    encoded, labels = _encode_pairs(tokenizer, pairs, first_index)
     hacks, cleans = encoded[: len(pairs)], encoded[len(pairs) :]
     pad_id = _pad_id(tokenizer)
-    resolved = _resolve_method(adapter, method, hacks, cleans, pad_id)
+    resolved = _resolve_method(adapter, method, hacks, cleans, pad_id) if pairs else "batched"
     if resolved != "shared":
-        G = _grads_of_encoded(
-            adapter, encoded, hack_labels + clean_labels, pad_id, resolved, batch_size, progress
-        )
+        G = _grads_of_encoded(adapter, encoded, labels, pad_id, resolved, batch_size, progress)
         return G[: len(pairs)] - G[len(pairs) :]
 
     delta, device = adapter.delta, adapter.delta.device
@@ -454,7 +472,7 @@ def pair_differences(
             _check_finite(
                 torch.cat([nll_hack, nll_clean]).detach(),
                 cap.packed,
-                [hack_labels[i] for i in batch] + [clean_labels[i] for i in batch],
+                [labels[i] for i in batch] + [labels[len(pairs) + i] for i in batch],
                 [f"pair {first_index + i}" for i in batch],
             )
             out[torch.tensor(batch, device=device)] = cap.packed

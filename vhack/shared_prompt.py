@@ -39,9 +39,8 @@ SUPPORTED_ATTENTION = ("sdpa", "eager")
 # Branch ids of packed positions.
 PREFIX, HACK, CLEAN, PAD = 0, 1, 2, 3
 
-Encoded = tuple[
-    list[int], int
-]  # (token ids of prompt + completion, index of the first completion token)
+# (token ids of prompt + completion, index of the first completion token)
+Encoded = tuple[list[int], int]
 
 
 @dataclass
@@ -137,19 +136,30 @@ def _attention_implementation(model: torch.nn.Module) -> str | None:
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
     """Why prompt sharing cannot run on this model, or None when it can: a transformers causal LM
-    with eager or SDPA attention (they take a custom 4D mask), no sliding-window layers (their
-    window would not apply to a custom mask), and forward(position_ids=, attention_mask=)."""
+    with eager or SDPA attention (they take a custom 4D mask), only full-attention layers (a
+    sliding window or a recurrent layer would not follow a custom mask), the config sizes
+    `cost_ratio` reads, and forward(position_ids=, attention_mask=)."""
     config = getattr(model, "config", None)
     if config is None:
         return "not a transformers model (no .config)"
     impl = _attention_implementation(model)
     if impl not in SUPPORTED_ATTENTION:
-        return f"attention implementation {impl!r} takes no custom 4D mask (needs one of {SUPPORTED_ATTENTION})"
-    layer_types = getattr(config, "layer_types", None) or []
-    if getattr(config, "use_sliding_window", False) or any(
-        t != "full_attention" for t in layer_types
-    ):
+        return (
+            f"attention implementation {impl!r} takes no custom 4D mask (needs one of "
+            f"{SUPPORTED_ATTENTION})"
+        )
+    if getattr(config, "use_sliding_window", False):
         return "the model has sliding-window attention layers"
+    other = sorted({t for t in getattr(config, "layer_types", None) or [] if t != "full_attention"})
+    if other:
+        return f"the model has layers other than full attention ({', '.join(other)})"
+    missing = [
+        f
+        for f in ("num_attention_heads", "num_hidden_layers", "hidden_size")
+        if not isinstance(getattr(config, f, None), int)
+    ]
+    if missing:
+        return f"the model config has no {', '.join(missing)}"
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
