@@ -342,6 +342,14 @@ def _check_rows(t: torch.Tensor, name: str, width: int, what: str) -> None:
         raise ValueError(f"{name} must be [N, {width}] ({what}), got {tuple(t.shape)}")
 
 
+def _check_x_gy(x: torch.Tensor, gy: torch.Tensor, d_in: int, d_out: int) -> None:
+    """x [N, d_in] and gy [N, d_out]: the inputs of a backward, one row each per token."""
+    _check_rows(x, "x", d_in, "d_in")
+    _check_rows(gy, "gy", d_out, "d_out")
+    if x.shape[0] != gy.shape[0]:
+        raise ValueError(f"x and gy must have the same rows, got {x.shape[0]} and {gy.shape[0]}")
+
+
 def _check_bias(bias: torch.Tensor | None, d_out: int) -> None:
     if bias is not None:
         _check_kernel_tensor(bias, "bias", 1)
@@ -514,10 +522,7 @@ def svd_linear_backward(
     recomputed in registers) and stores g_h = (gy U) * (S + dS); one GEMM then gives dx = g_h Vh.
     """
     d_out, r, d_in = _check_factors(U, Vh, S, dS)
-    _check_rows(x, "x", d_in, "d_in")
-    _check_rows(gy, "gy", d_out, "d_out")
-    if x.shape[0] != gy.shape[0]:
-        raise ValueError(f"x and gy must have the same rows, got {x.shape[0]} and {gy.shape[0]}")
+    _check_x_gy(x, gy, d_in, d_out)
     _check_device(x=x, gy=gy, U=U, S=S, dS=dS, Vh=Vh)
     gh = empty((x.shape[0], r), _intermediate_dtype(U), x.device)
     g = _launch_dS(x, gy, U, Vh, S=S, dS=dS, gh=gh)
@@ -544,10 +549,7 @@ def delta_grad(
     may vary from run to run).
     """
     d_out, _, d_in = _check_factors(U, Vh, None, None)
-    _check_rows(x, "x", d_in, "d_in")
-    _check_rows(gy, "gy", d_out, "d_out")
-    if x.shape[0] != gy.shape[0]:
-        raise ValueError(f"x and gy must have the same rows, got {x.shape[0]} and {gy.shape[0]}")
+    _check_x_gy(x, gy, d_in, d_out)
     if segment_ids is not None:
         _check_kernel_tensor(segment_ids, "segment_ids", 1, (torch.int64,))
         if segment_ids.shape[0] != x.shape[0]:
