@@ -32,19 +32,12 @@ TARGET_SPEEDUP = 5.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _encoded(tok, pairs) -> tuple[list, list]:
-    enc = encode_many(
-        tok, [(p.prompt, p.hack) for p in pairs] + [(p.prompt, p.clean) for p in pairs]
-    )
-    return enc[: len(pairs)], enc[len(pairs) :]
-
-
 def bench_pairset(
     adapter, tok, name: str, pairs, batch_sizes, pair_batch_sizes, n_heldout, device, reps
 ) -> list:
     train = pairs[: len(pairs) - n_heldout]
-    hacks, cleans = _encoded(tok, train)
-    tokens = sum(len(ids) for ids, _ in hacks + cleans)
+    items = [(p.prompt, p.hack) for p in train] + [(p.prompt, p.clean) for p in train]
+    tokens = sum(len(ids) for ids, _ in encode_many(tok, items))
     # Same differences from every method (float32 summation order aside).
     loop_D = pair_differences(adapter, tok, train, method="loop", progress=False)
     auto = choose_method(adapter, tok, train, "auto")

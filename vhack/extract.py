@@ -45,10 +45,11 @@ from vhack.pairs import Pair, pairset_hash
 from vhack.shared_prompt import (
     compute_dtype,
     cost_ratio,
-    keeps_logits,
     pack_pairs,
     packed_length,
     pair_nll,
+    slot_means,
+    token_nll,
     unsupported_reason,
 )
 
@@ -150,28 +151,26 @@ def _completion_nll(
 ) -> torch.Tensor:
     """Mean NLL of each sequence's completion tokens [B] (float32); seqs are (token ids, index of
     the first completion token), right-padded with pad_id into one batch."""
-    lengths = [len(ids) for ids, _ in seqs]
-    T = max(lengths)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.int64)
-    weight = torch.zeros(len(seqs), T)
+    ids = torch.full((len(seqs), max(len(toks) for toks, _ in seqs)), pad_id, dtype=torch.int64)
+    rows, preds, targets = [], [], []
     for b, (toks, start) in enumerate(seqs):
         ids[b, : len(toks)] = torch.tensor(toks, dtype=torch.int64)
-        weight[b, start : len(toks)] = 1.0
-    ids, weight = ids.to(device), weight.to(device)
-    # Logits are needed from the position before the earliest completion token on.
-    first = min(start for _, start in seqs) - 1
-    kwargs = {"logits_to_keep": T - first} if keeps_logits(model) else {}
+        rows.append(torch.full((len(toks) - start,), b, dtype=torch.int64))
+        preds.append(torch.arange(start - 1, len(toks) - 1))  # token i is predicted at i - 1
+        targets.append(torch.tensor(toks[start:], dtype=torch.int64))
+    row = torch.cat(rows).to(device)
     # No attention mask: in a causal LM, real tokens never attend to the right padding after them,
-    # and the padding's own outputs carry zero loss weight (so zero gradient). Without a mask the
-    # attention keeps its fast causal path.
-    logits = model(input_ids=ids, **kwargs).logits
-    offset = T - logits.shape[1]  # logits[:, j] is position offset + j
-    logits = logits[:, :-1].float()
-    targets, w = ids[:, offset + 1 :], weight[:, offset + 1 :]
-    nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-    ).view(targets.shape)
-    return (nll * w).sum(1) / w.sum(1)
+    # and no loss is read at a padding position. Without a mask the attention keeps its fast
+    # causal path.
+    nll = token_nll(
+        model,
+        ids.to(device),
+        row,
+        torch.cat(preds).to(device),
+        torch.cat(targets).to(device),
+        min(start for _, start in seqs) - 1,
+    )
+    return slot_means(nll, row, len(seqs))
 
 
 def completion_losses(model, tokenizer, items: Sequence[tuple[Prompt, str]]) -> torch.Tensor:

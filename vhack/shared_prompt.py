@@ -32,6 +32,8 @@ __all__ = [
     "packed_length",
     "pair_nll",
     "shared_prefix",
+    "slot_means",
+    "token_nll",
     "unsupported_reason",
 ]
 
@@ -50,7 +52,7 @@ class PackedPairs:
     input_ids, position_ids: int64 [B, L]; branch: int64 [B, L] (PREFIX, HACK, CLEAN or PAD);
     for every completion token j (hack tokens then clean tokens of each row, N in all):
     row [N], pred_pos [N] (the position whose logits predict it), target [N] (its id) and
-    side [N] (0 hack, 1 clean).
+    side [N] (0 hack, 1 clean); first_pred: a lower bound of pred_pos, kept on the host.
     """
 
     input_ids: torch.Tensor
@@ -60,6 +62,7 @@ class PackedPairs:
     pred_pos: torch.Tensor
     target: torch.Tensor
     side: torch.Tensor
+    first_pred: int
 
     @property
     def n_rows(self) -> int:
@@ -78,7 +81,8 @@ class PackedPairs:
         return real | ((q == PAD) & eye)
 
     def to(self, device: torch.device | str) -> PackedPairs:
-        return PackedPairs(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+        fields = (getattr(self, f) for f in self.__dataclass_fields__)
+        return PackedPairs(*(f.to(device) if isinstance(f, torch.Tensor) else f for f in fields))
 
 
 def shared_prefix(hack: Encoded, clean: Encoded) -> int:
@@ -124,8 +128,17 @@ def pack_pairs(hacks: Sequence[Encoded], cleans: Sequence[Encoded], pad_id: int)
         rows.append(torch.full((len(hack_tok) + len(clean_tok),), b, dtype=torch.int64))
         sides += [torch.zeros(len(hack_tok), dtype=torch.int64)]
         sides += [torch.ones(len(clean_tok), dtype=torch.int64)]
+    # Hack tokens are predicted from start_h - 1 on; clean ones from start_c - 1 (or later).
+    first_pred = min(min(h[1], c[1]) for h, c in zip(hacks, cleans, strict=True)) - 1
     return PackedPairs(
-        ids, pos, branch, torch.cat(rows), torch.cat(preds), torch.cat(targets), torch.cat(sides)
+        ids,
+        pos,
+        branch,
+        torch.cat(rows),
+        torch.cat(preds),
+        torch.cat(targets),
+        torch.cat(sides),
+        first_pred,
     )
 
 
@@ -216,19 +229,43 @@ def pair_nll(model: torch.nn.Module, packed: PackedPairs) -> tuple[torch.Tensor,
         mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
     else:  # SDPA takes the boolean mask (True = attend)
         mask = allowed
-    L = packed.input_ids.shape[1]
-    first = int(packed.pred_pos.min())
-    kwargs = {"logits_to_keep": L - first} if keeps_logits(model) else {}
-    logits = model(
-        input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, **kwargs
-    ).logits
-    offset = L - logits.shape[1]  # logits[:, j] is position offset + j
-    picked = logits[packed.row, packed.pred_pos - offset].float()  # [N, vocab]
-    nll = torch.nn.functional.cross_entropy(picked, packed.target, reduction="none")
-    slot = 2 * packed.row + packed.side
-    sums = torch.zeros(2 * packed.n_rows, device=nll.device).index_add(0, slot, nll)
-    counts = torch.zeros(2 * packed.n_rows, device=nll.device).index_add(
-        0, slot, torch.ones_like(nll)
+    nll = token_nll(
+        model,
+        packed.input_ids,
+        packed.row,
+        packed.pred_pos,
+        packed.target,
+        packed.first_pred,
+        attention_mask=mask,
+        position_ids=packed.position_ids,
     )
-    mean = (sums / counts).view(packed.n_rows, 2)
-    return mean[:, 0], mean[:, 1]
+    mean = slot_means(nll, 2 * packed.row + packed.side, 2 * packed.n_rows)
+    return mean.view(packed.n_rows, 2).unbind(1)
+
+
+def token_nll(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    row: torch.Tensor,
+    pred_pos: torch.Tensor,
+    target: torch.Tensor,
+    first_pred: int,
+    **model_kwargs,
+) -> torch.Tensor:
+    """NLL [N] float32 of each token target[j] under the logits at (row[j], pred_pos[j]) of one
+    forward of input_ids [B, L] (model_kwargs go to the model). first_pred <= every pred_pos:
+    logits are kept from there on only (logits_to_keep, where the model takes it)."""
+    L = input_ids.shape[1]
+    if keeps_logits(model):
+        model_kwargs["logits_to_keep"] = L - first_pred
+    logits = model(input_ids=input_ids, **model_kwargs).logits
+    offset = L - logits.shape[1]  # logits[:, j] is position offset + j
+    picked = logits[row, pred_pos - offset].float()  # [N, vocab]
+    return torch.nn.functional.cross_entropy(picked, target, reduction="none")
+
+
+def slot_means(values: torch.Tensor, slot: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """Mean of values [N] per slot id in [0, n_slots) -> [n_slots] (NaN for an empty slot)."""
+    sums = torch.zeros(n_slots, dtype=values.dtype, device=values.device)
+    counts = torch.zeros(n_slots, dtype=values.dtype, device=values.device)
+    return sums.index_add(0, slot, values) / counts.index_add(0, slot, torch.ones_like(values))
