@@ -1,0 +1,1 @@
+"""Reference GRPO loop: environments, rollouts, advantages, the clipped objective and training."""

@@ -1,0 +1,1 @@
+"""Drop-in use of the projector in existing trainers and under data parallelism."""
