@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from vhack.errors import UsageError
+
 __all__ = ["main"]
 
 
@@ -291,7 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as err:
+        print(f"vhack {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -76,3 +76,4 @@ class Environment(ABC):
 
     def close(self) -> None:
         """Release workers or temporary files (no-op by default)."""
+        return None
