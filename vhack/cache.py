@@ -2,7 +2,7 @@
 
 Layout under the cache root (`cache_dir`):
     svd/<weight hash>.safetensors    U, S, Vh of one weight, written by `vhack.wrap`: about
-                                     r * (d_out + d_in) values in the weight's dtype, so 1.3-2x
+                                     r * (d_out + d_in) values in the weight's dtype, so 1-2x
                                      the wrapped weights (Qwen3-4B in bfloat16: ~9.8 GB)
     bases/<model>_k..._<hash>.safetensors   hack bases of `vhack.load_or_extract` and
                                      `vhack extract` (Qwen3-4B, top_k 12: ~25 MB)
