@@ -65,7 +65,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _number(kind: type, lo: float, hi: float = math.inf, *, open_lo: bool = False, open_hi=False):
+def _number(
+    kind: type, lo: float, hi: float = math.inf, *, open_lo: bool = False, open_hi: bool = False
+) -> Callable[[str], float]:
     """An argparse type: `kind` (int or float) within [lo, hi] (open ends where asked)."""
     left, right = "(" if open_lo else "[", ")" if open_hi or hi == math.inf else "]"
     what = (
@@ -85,7 +87,6 @@ def _number(kind: type, lo: float, hi: float = math.inf, *, open_lo: bool = Fals
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return value
 
-    parse.__name__ = kind.__name__  # argparse names the type in some messages
     return parse
 
 
