@@ -88,7 +88,7 @@ def no_work(monkeypatch):
     def load(*args, **kwargs):
         pytest.fail("the command started its work before checking its arguments")
 
-    monkeypatch.setattr(cli, "_load_model", load)
+    monkeypatch.setattr(vhack.models, "load", load)
 
 
 @pytest.fixture
@@ -249,7 +249,7 @@ def test_validate_warns_loudly_on_other_pairs(toy_basis, tmp_path, capsys, monke
     def stop(*args, **kwargs):
         raise Stop  # the warning is printed before any work; no need to run the tests
 
-    monkeypatch.setattr(cli, "_load_model", stop)
+    monkeypatch.setattr(vhack.models, "load", stop)
     argv = ["validate", "--basis", str(toy_basis["cli"]), "--pairs", "coding", "--k", "3"]
     with pytest.raises(Stop):
         cli.main([*argv, "--out-dir", str(tmp_path)])
