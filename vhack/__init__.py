@@ -4,13 +4,13 @@ Wrap a model's Linears in their SVD basis (`wrap`), extract a hack basis from co
 and project the hack-ward part out of the dS gradient at every optimizer step. See README.md.
 """
 
-from vhack import models, ops, reference, validate
+from vhack import errors, lm, models, ops, reference, validate
 from vhack._version import __version__
 from vhack.adapter import DEFAULT_TARGETS, Adapter, SegmentGrads, SVDLinear, wrap
 from vhack.basis import HackBasis
 from vhack.extract import extract, load_or_extract
 from vhack.pairs import Pair, builtin_pairs, load_pairs
-from vhack.project import Projector, ProjStats
+from vhack.projector import Projector, ProjStats
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -23,7 +23,9 @@ __all__ = [
     "SegmentGrads",
     "__version__",
     "builtin_pairs",
+    "errors",
     "extract",
+    "lm",
     "load_or_extract",
     "load_pairs",
     "models",
