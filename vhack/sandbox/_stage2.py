@@ -10,7 +10,8 @@ JOB.json: {"mode": "namespaces" | "process", "drop": "setuid" | "caps", "uid": i
 "python": path of the interpreter, "binds": [host dirs to show read-only], "hide": [paths to mask],
 "files": {name: text}, "argv": [...], "env": {...}, "rlimits": {name: [soft, hard]},
 "tmpfs_mb": int}. A setup failure exits with status 121 and one line on stderr starting with
-"vhack-sandbox-setup:".
+"vhack-sandbox-setup:". Under a new pid namespace this script stays as pid 1 and runs the program
+as its child (see `_run_as_init`).
 """
 
 import ctypes
@@ -20,6 +21,7 @@ import resource
 import sys
 
 SETUP_FAILED = 121
+EXIT_MARKER = "vhack-sandbox-killed-by-signal:"
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -164,6 +166,12 @@ def main() -> None:
         _drop_caps()
     if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         _fail("prctl(PR_SET_NO_NEW_PRIVS) failed")
+    if os.getpid() == 1:
+        _run_as_init(job)
+    _exec(job)
+
+
+def _exec(job: dict) -> None:
     for name, (soft, hard) in job["rlimits"].items():
         try:
             resource.setrlimit(getattr(resource, name), (soft, hard))
@@ -174,6 +182,29 @@ def main() -> None:
         os.execve(job["python"], job["argv"], job["env"])
     except OSError as e:
         _fail(f"exec {job['python']} failed: {e}")
+
+
+def _run_as_init(job: dict) -> None:
+    """As pid 1 of the new pid namespace: run the program as a child, reap orphans until it
+    exits, then exit (which kills whatever is left in the namespace). A death by signal is
+    reported as a marker line on stderr and status 128 + signal (pid 1 cannot re-raise it)."""
+    sys.stdout.flush()
+    child = os.fork()
+    if child == 0:
+        _exec(job)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            os._exit(SETUP_FAILED)
+        if pid == child:
+            break
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        sys.stderr.write(f"\n{EXIT_MARKER} {sig}\n")
+        sys.stderr.flush()
+        os._exit(128 + sig)
+    os._exit(os.waitstatus_to_exitcode(status))
 
 
 if __name__ == "__main__":

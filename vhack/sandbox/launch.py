@@ -26,6 +26,7 @@ __all__ = ["STATUSES", "Limits", "RunResult", "base_python", "launch"]
 
 STAGE2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_stage2.py")
 SETUP_FAILED = 121  # exit status of _stage2.py when it could not build the sandbox
+EXIT_MARKER = "vhack-sandbox-killed-by-signal:"  # _stage2.py's last stderr line on a signal death
 
 STATUSES = (
     "ok",  # exited with status 0
@@ -326,5 +327,9 @@ def _run(cmd: list[str], stdin: bytes, limits: Limits, cleanup_uid: int | None) 
     wall = time.monotonic() - t0
     stdout = bytes(out[proc.stdout][: limits.stdout_bytes]).decode("utf-8", "replace")
     stderr = bytes(out[proc.stderr][: limits.stderr_bytes]).decode("utf-8", "replace")
+    if rc is not None and rc > 128:
+        head, sep, tail = stderr.rstrip("\n").rpartition("\n")
+        if tail.startswith(EXIT_MARKER) and tail.split()[-1] == str(rc - 128):
+            rc, stderr = -(rc - 128), head + sep
     status, reason = _classify(rc, killed, stderr, limits)
     return RunResult(status, rc, stdout, stderr, wall, reason)

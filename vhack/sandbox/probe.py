@@ -26,6 +26,10 @@ PROBE_UID = 1_989_999_999  # uid the probe program runs as when the probe runs a
 _PROBE_PROGRAM = r"""
 import json, os, resource, socket, sys
 facts = {"pid": os.getpid(), "uid": os.getuid(), "euid": os.geteuid(), "env": sorted(os.environ)}
+try:
+    facts["processes"] = sum(name.isdigit() for name in os.listdir("/proc"))
+except OSError:
+    facts["processes"] = -1
 status = open("/proc/self/status").read()
 for line in status.splitlines():
     key, _, value = line.partition(":")
@@ -107,7 +111,8 @@ def _check(mode: str, facts: dict, is_root: bool, limits: Limits) -> dict[str, b
     if is_root:
         checks[f"{mode}.unprivileged_uid"] = facts["uid"] != 0 and facts["euid"] != 0
     if mode == "namespaces":
-        checks["namespaces.pid_namespace"] = facts["pid"] == 1
+        # pid 1 is the sandbox's init (_stage2.py), the program its only child
+        checks["namespaces.pid_namespace"] = facts["pid"] == 2 and 0 < facts["processes"] <= 2
         checks["namespaces.no_network"] = facts["connect"] != "connected" and set(
             facts["interfaces"]
         ) <= {"lo"}
