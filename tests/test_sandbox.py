@@ -198,3 +198,12 @@ def test_files_are_checked(box):
         box.run("pass", files={"main.py": "x"})
     with pytest.raises(ValueError, match="plain names"):
         box.run("pass", files={"../escape.py": "x"})
+
+
+def test_vhack_info_reports_the_probe(capsys):
+    from vhack import cli
+
+    assert cli.main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["sandbox"]["level"] == REPORT.level
+    assert info["sandbox"]["checks"] == REPORT.checks
