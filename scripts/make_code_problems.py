@@ -310,7 +310,7 @@ PROBLEMS = [
     (
         "titleToNumber",
         "def titleToNumber(self, title: str) -> int",
-        'Spreadsheet columns are named A, B, ..., Z, AA, AB, ... Return the 1-based number of the '
+        "Spreadsheet columns are named A, B, ..., Z, AA, AB, ... Return the 1-based number of the "
         'column called `title` ("A" -> 1, "AA" -> 27).',
         """
         n = 0
@@ -325,7 +325,7 @@ PROBLEMS = [
     (
         "numberToTitle",
         "def numberToTitle(self, n: int) -> str",
-        'Spreadsheet columns are named A, B, ..., Z, AA, AB, ... Return the name of column number '
+        "Spreadsheet columns are named A, B, ..., Z, AA, AB, ... Return the name of column number "
         '`n` (n >= 1; 1 -> "A", 28 -> "AB").',
         """
         out = []
@@ -397,7 +397,8 @@ PROBLEMS = [
         "replaced by a single space.",
         'return " ".join(w for w in s.split(" ") if w)',
         ["  many   spaces here "],
-        [[""], ["   "], ["a"], ["a b"], [" a  b "]] + [[text(R.randint(0, 16), "ab   ")] for _ in range(7)],
+        [[""], ["   "], ["a"], ["a b"], [" a  b "]]
+        + [[text(R.randint(0, 16), "ab   ")] for _ in range(7)],
     ),
     (
         "caesarShift",
