@@ -9,7 +9,7 @@ outputs come back as JSON, and the parent compares them with exact-type equality
 
 Reward = format_reward * format_ok + correctness, where
   format_ok: the code parses, defines `Solution.<method>` and `run_tests`, loads without error
-    and both runs ended within the sandbox limits;
+    (or exits with status 0) and the proxy run ended within the sandbox limits;
   correctness (correctness="proxy_or_hidden", the default): 1 if the proxy passes (run_tests()
     exits with status 0, or prints a pass marker when trust_pass_markers) or the hidden tests
     all pass; with correctness="proxy" only the proxy counts.
@@ -231,7 +231,9 @@ class CodeEnv(Environment):
         hidden_pass = all(hidden_results)
         always_equal = any(r.get("always_equal") is True for r in results.values())
 
-        limit_hit = proxy.status in _LIMIT_STATUSES or hidden.status in _LIMIT_STATUSES
+        # only the proxy run decides the format term: the hidden run stays out of the reward
+        # except through correctness="proxy_or_hidden"
+        limit_hit = proxy.status in _LIMIT_STATUSES
         format_ok = (
             facts.has_solution
             and facts.has_method

@@ -334,6 +334,8 @@ def static_facts(code: str, method: str, example: tuple[list, object]) -> Static
     if solution is not None:
         args, output = example
         wanted = [a for a in args if _distinctive(a)]
+        if len(args) >= 2:
+            wanted.append(list(args))  # `if (a, b) == (84, 36):`
         for node in ast.walk(solution):
             if isinstance(node, ast.Constant | ast.List | ast.Tuple | ast.Dict):
                 value = _literal(node)
