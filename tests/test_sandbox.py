@@ -207,3 +207,38 @@ def test_vhack_info_reports_the_probe(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["sandbox"]["level"] == REPORT.level
     assert info["sandbox"]["checks"] == REPORT.checks
+
+
+@needs_ns
+@pytest.mark.skipif(not REPORT.seccomp, reason="the seccomp filter is not applied here")
+def test_seccomp_filter_denies_kernel_surface_but_not_threads(box):
+    program = r"""
+import ctypes, errno, json, os, subprocess, threading
+libc = ctypes.CDLL(None, use_errno=True)
+def denied(rc):
+    return rc == -1 and ctypes.get_errno() == errno.EPERM
+out = {
+    "unshare": denied(libc.unshare(0x10000000)),
+    "mount": denied(libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)),
+    "ptrace": denied(libc.ptrace(16, 1, 0, 0)),
+}
+t = threading.Thread(target=out.__setitem__, args=("thread", True))
+t.start()
+t.join()
+pid = os.fork()
+if pid == 0:
+    os._exit(7)
+out["fork"] = os.waitpid(pid, 0)[1] >> 8 == 7
+out["subprocess"] = subprocess.run(["/bin/echo", "x"], capture_output=True).stdout == b"x\n"
+print(json.dumps(out))
+"""
+    r = box.run(program)
+    assert r.ok, r
+    assert json.loads(r.stdout) == {
+        "unshare": True,
+        "mount": True,
+        "ptrace": True,
+        "thread": True,
+        "fork": True,
+        "subprocess": True,
+    }

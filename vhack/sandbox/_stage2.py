@@ -9,7 +9,7 @@ no_new_privs and the rlimits just before exec.
 JOB.json: {"mode": "namespaces" | "process", "drop": "setuid" | "caps", "uid": int, "gid": int,
 "python": path of the interpreter, "binds": [host dirs to show read-only], "hide": [paths to mask],
 "files": {name: text}, "argv": [...], "env": {...}, "rlimits": {name: [soft, hard]},
-"tmpfs_mb": int}. A setup failure exits with status 121 and one line on stderr starting with
+"tmpfs_mb": int, "seccomp": bool (x86_64 only)}. A setup failure exits with status 121 and one line on stderr starting with
 "vhack-sandbox-setup:". Under a new pid namespace this script stays as pid 1 and runs the program
 as its child (see `_run_as_init`).
 """
@@ -115,6 +115,52 @@ def _build_root(job: dict, root: str) -> None:
     _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
 
 
+# x86_64 syscalls a graded program has no business making; they fail with EPERM under the filter:
+# ptrace, mount family, pivot_root/chroot, unshare/setns, keyrings, bpf, perf, userfaultfd,
+# module/kexec/reboot/swap/acct/hostname, handle-based opens, process_vm_*, io_uring. clone3 gets
+# ENOSYS instead, so that glibc falls back to clone (threads and fork keep working).
+SECCOMP_DENY_X86_64 = (
+    101, 155, 161, 163, 165, 166, 167, 168, 169, 170, 171, 175, 176, 246, 248, 249, 250, 272,
+    298, 303, 304, 308, 310, 311, 313, 320, 321, 323, 425, 426, 427, 428, 429, 430, 431, 432,
+    433, 442,
+)  # fmt: skip
+CLONE3_X86_64 = 435
+
+
+def _seccomp_filter() -> None:
+    """Install a seccomp-bpf filter: wrong arch -> kill; x32 and denied syscalls -> EPERM;
+    clone3 -> ENOSYS; everything else allowed."""
+    import struct
+
+    def insn(code: int, jt: int, jf: int, k: int) -> bytes:
+        return struct.pack("HBBI", code, jt, jf, k)
+
+    ld_w_abs, jeq_k, jge_k, ret_k = 0x20, 0x15, 0x35, 0x06
+    allow, errno_eperm, kill = 0x7FFF0000, 0x00050000 | 1, 0x80000000
+    deny = SECCOMP_DENY_X86_64
+    prog = [
+        insn(ld_w_abs, 0, 0, 4),  # seccomp_data.arch
+        insn(jeq_k, 1, 0, 0xC000003E),  # AUDIT_ARCH_X86_64
+        insn(ret_k, 0, 0, kill),
+        insn(ld_w_abs, 0, 0, 0),  # seccomp_data.nr
+        insn(jeq_k, 0, 1, CLONE3_X86_64),
+        insn(ret_k, 0, 0, 0x00050000 | 38),  # ENOSYS
+        insn(jge_k, len(deny) + 1, 0, 0x40000000),  # x32 ABI -> EPERM
+    ]
+    for i, nr in enumerate(deny):
+        prog.append(insn(jeq_k, len(deny) - i, 0, nr))
+    prog.append(insn(ret_k, 0, 0, allow))
+    prog.append(insn(ret_k, 0, 0, errno_eperm))
+    buf = ctypes.create_string_buffer(b"".join(prog))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+    fprog = SockFprog(len(prog), ctypes.addressof(buf))
+    if _libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        _fail(f"installing the seccomp filter failed: {os.strerror(ctypes.get_errno())}")
+
+
 def _drop_caps() -> None:
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last = int(f.read())
@@ -177,6 +223,8 @@ def _exec(job: dict) -> None:
             resource.setrlimit(getattr(resource, name), (soft, hard))
         except (ValueError, OSError) as e:
             _fail(f"setrlimit {name}={soft},{hard} failed: {e}")
+    if job.get("seccomp"):
+        _seccomp_filter()
     sys.stdout.flush()
     try:
         os.execve(job["python"], job["argv"], job["env"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import selectors
 import shutil
 import signal
@@ -165,6 +166,7 @@ def launch(
     uid: int | None = None,
     hide: Sequence[str] = (),
     unshare: str | None = None,
+    seccomp: bool = False,
 ) -> RunResult:
     """Run `program` (Python source, saved as main.py in a fresh working directory) once.
 
@@ -172,7 +174,11 @@ def launch(
     namespace when not root) or "process" (a plain child process with rlimits). uid: when running
     as root, the unprivileged uid (and gid) the program runs as; ignored otherwise. files: extra
     files written next to main.py. hide: host paths masked inside the namespace sandbox.
+    seccomp: install a seccomp filter denying namespace, mount, ptrace, bpf, keyring, module and
+    similar syscalls (x86_64 only; ValueError elsewhere).
     """
+    if seccomp and platform.machine() != "x86_64":
+        raise ValueError("the seccomp filter is written for x86_64 only")
     limits = limits or Limits()
     files = dict(files or {})
     if "main.py" in files:
@@ -203,6 +209,7 @@ def launch(
         },
         "rlimits": limits.rlimits(),
         "tmpfs_mb": limits.tmpfs_mb,
+        "seccomp": bool(seccomp),
     }
     jobdir = tempfile.mkdtemp(prefix="vhack-sbx-")
     try:

@@ -64,7 +64,8 @@ class IsolationReport:
     level: the strongest mode whose checks all passed (one of LEVELS). checks: name -> passed, for
     every check run ("namespaces.no_network", "process.rlimits", ...). notes: why a mode failed,
     one line each. is_root: probed as uid 0 (programs then run as an unprivileged uid).
-    seccomp_available: the kernel offers seccomp filters (not applied by this sandbox).
+    seccomp_available: the kernel offers seccomp filters. seccomp: namespace-sandboxed programs
+    run under this package's seccomp filter (x86_64 only; see `_stage2.py`).
     """
 
     level: str
@@ -75,6 +76,7 @@ class IsolationReport:
     python: str = ""
     kernel: str = ""
     seccomp_available: bool = False
+    seccomp: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,7 +90,7 @@ def _seccomp_available() -> bool:
         return False
 
 
-def _run_mode(mode: str, unshare: str | None, secret_paths: list[str]):
+def _run_mode(mode: str, unshare: str | None, secret_paths: list[str], seccomp: bool):
     limits = Limits(wall_s=10.0, cpu_s=5, memory_mb=256, nproc=16)
     return launch(
         _PROBE_PROGRAM,
@@ -98,10 +100,11 @@ def _run_mode(mode: str, unshare: str | None, secret_paths: list[str]):
         uid=PROBE_UID,
         hide=secret_paths,
         unshare=unshare,
+        seccomp=seccomp,
     )
 
 
-def _check(mode: str, facts: dict, is_root: bool, limits: Limits) -> dict[str, bool]:
+def _check(mode: str, facts: dict, is_root: bool, limits: Limits, seccomp: bool) -> dict[str, bool]:
     checks = {
         f"{mode}.rlimits": facts["rlimit_as"] == limits.memory_mb << 20
         and facts["rlimit_nproc"] == limits.nproc,
@@ -119,6 +122,8 @@ def _check(mode: str, facts: dict, is_root: bool, limits: Limits) -> dict[str, b
         checks["namespaces.no_capabilities"] = int(facts.get("CapEff", "1"), 16) == 0
         checks["namespaces.host_files_hidden"] = not any(facts["visible"].values())
         checks["namespaces.read_only_system"] = not facts["usr_writable"]
+        if seccomp:
+            checks["namespaces.seccomp_filter"] = facts.get("Seccomp") == "2"
     return checks
 
 
@@ -137,12 +142,13 @@ def _probe_cached() -> IsolationReport:
     notes: list[str] = []
     level = "none"
     limits = Limits(wall_s=10.0, cpu_s=5, memory_mb=256, nproc=16)
+    seccomp = _seccomp_available() and platform.machine() == "x86_64"
     for mode in ("process", "namespaces"):
         if mode == "namespaces" and unshare is None:
             notes.append("namespaces: util-linux `unshare` is not on PATH")
             checks["namespaces.started"] = False
             continue
-        result = _run_mode(mode, unshare, secret_paths)
+        result = _run_mode(mode, unshare, secret_paths, seccomp and mode == "namespaces")
         checks[f"{mode}.started"] = result.ok
         if not result.ok:
             notes.append(f"{mode}: the probe program did not run: {result.reason}")
@@ -152,7 +158,7 @@ def _probe_cached() -> IsolationReport:
         except (ValueError, IndexError):
             notes.append(f"{mode}: unreadable probe output {result.stdout[:200]!r}")
             continue
-        mode_checks = _check(mode, facts, is_root, limits)
+        mode_checks = _check(mode, facts, is_root, limits, seccomp and mode == "namespaces")
         checks.update(mode_checks)
         failed = [name for name, passed in mode_checks.items() if not passed]
         if failed:
@@ -168,6 +174,7 @@ def _probe_cached() -> IsolationReport:
         python=base_python(),
         kernel=platform.release(),
         seccomp_available=_seccomp_available(),
+        seccomp=seccomp and level == "namespaces",
     )
 
 

@@ -90,6 +90,7 @@ class Sandbox:
                 uid=uid,
                 hide=self.hide,
                 unshare=self.report.unshare,
+                seccomp=self.report.seccomp and self.mode == "namespaces",
             )
         finally:
             self._uids.put(uid)
