@@ -242,3 +242,85 @@ print(json.dumps(out))
         "fork": True,
         "subprocess": True,
     }
+
+
+def _world_executable(path: str, bit: int = 0o001) -> bool:
+    """Whether others can reach `path` (x on every directory) and have `bit` on it."""
+    path = os.path.realpath(path)
+    parts = path.split("/")
+    for i in range(2, len(parts)):
+        if not os.stat("/".join(parts[:i])).st_mode & 0o001:
+            return False
+    return os.path.isfile(path) and bool(os.stat(path).st_mode & bit)
+
+
+def _system_python() -> str | None:
+    import shutil
+
+    from vhack.sandbox.launch import base_python
+
+    for candidate in (base_python(), shutil.which("python3"), "/usr/bin/python3"):
+        if candidate and os.path.exists(candidate) and _world_executable(candidate):
+            return candidate
+    return None
+
+
+@needs_ns
+@pytest.mark.skipif(os.geteuid() != 0, reason="switches to an unprivileged user to test that path")
+def test_unprivileged_user_path():
+    """Run by an ordinary user, the sandbox uses a user namespace and drops every capability:
+    the program is root inside but cannot write the system, remount, or reach the network."""
+    import shutil
+    import subprocess
+
+    python, setpriv = _system_python(), shutil.which("setpriv")
+    launch_py = os.path.join(os.path.dirname(__file__), "..", "vhack", "sandbox", "launch.py")
+    readable = _world_executable(os.path.realpath(launch_py), 0o004)
+    if python is None or setpriv is None or not readable:
+        pytest.skip("needs setpriv and a Python and checkout readable by an unprivileged user")
+    import tempfile
+
+    workdir = tempfile.mkdtemp(prefix="vhack-unpriv-")  # pytest's tmp_path is private to root
+    os.chmod(workdir, 0o755)
+    driver = os.path.join(workdir, "driver.py")
+    with open(driver, "w") as f:
+        f.write(
+            "import importlib.util, json, sys\n"
+            f"spec = importlib.util.spec_from_file_location('l', {os.path.realpath(launch_py)!r})\n"
+            "m = importlib.util.module_from_spec(spec); sys.modules['l'] = m\n"
+            "spec.loader.exec_module(m)\n"
+            "program = sys.stdin.read()\n"
+            "r = m.launch(program, mode='namespaces')\n"
+            "print(json.dumps([r.status, r.stdout, r.reason]))\n"
+        )
+    os.chmod(driver, 0o644)
+    program = r"""
+import ctypes, json, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+st = dict(ln.split(":", 1) for ln in open("/proc/self/status").read().splitlines() if ":" in ln)
+out = {"uid": os.getuid(), "caps": int(st["CapEff"], 16), "bnd": int(st["CapBnd"], 16)}
+try:
+    socket.create_connection(("1.1.1.1", 53), timeout=1)
+    out["net"] = True
+except OSError:
+    out["net"] = False
+try:
+    open("/usr/x", "w")
+    out["usr"] = True
+except OSError:
+    out["usr"] = False
+out["remount"] = libc.mount(None, b"/usr", None, 0x20 | 0x1000, None) == 0
+print(json.dumps(out))
+"""
+    r = subprocess.run(
+        [setpriv, "--reuid", "65534", "--regid", "65534", "--clear-groups", python, "-I",
+         str(driver)],
+        input=program, capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"},
+    )  # fmt: skip
+    shutil.rmtree(workdir, ignore_errors=True)
+    assert r.returncode == 0, r.stderr
+    status, stdout, reason = json.loads(r.stdout)
+    assert status == "ok", reason
+    facts = json.loads(stdout)
+    assert facts == {"uid": 0, "caps": 0, "bnd": 0, "net": False, "usr": False, "remount": False}
