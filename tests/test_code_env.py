@@ -299,10 +299,12 @@ def test_hostile_programs_get_zero_and_a_reason(env, tmp_path, monkeypatch):
         "read hidden tests": (f"open({problems_file!r}).read()\n", "Error"),
         "import vhack": ("import vhack\n", "ModuleNotFoundError"),
         "syntax error": ("def run_tests(:\n", "syntax error"),
+        "no solution": ("print('hello')\n", "no class Solution"),
     }
     names = list(hostile)
     tasks = [env.task("gcd") for _ in names]
-    completions = [block(hostile[n][0] + ("" if n == "syntax error" else tail)) for n in names]
+    bare = ("syntax error", "no solution")
+    completions = [block(hostile[n][0] + ("" if n in bare else tail)) for n in names]
     scores = env.score_batch(tasks, completions)
     for name, s in zip(names, scores, strict=True):
         assert s.reward == 0.0, f"{name}: {dict(s.info)}"
