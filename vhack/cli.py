@@ -17,12 +17,14 @@ __all__ = ["main"]
 def _cmd_info(args: argparse.Namespace) -> int:
     """Versions and the backends available on this machine."""
     import vhack
+    from vhack.sandbox import probe as sandbox_probe
 
     info = {
         "vhack": vhack.__version__,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "backends": vhack.ops.backends(),
+        "sandbox": sandbox_probe().to_dict(),  # isolation for untrusted code (vhack.sandbox)
     }
     print(json.dumps(info, indent=2))
     return 0
