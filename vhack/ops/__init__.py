@@ -1,12 +1,7 @@
 """Functional entry points of vhack: the SVD-basis linear, its dS gradient, the merge, and the
 one-launch projection. `vhack.ops.dispatch` is the one place that knows about backends.
 
-Backends:
-  "reference"  vhack.reference: eager, readable, float64-safe; always available.
-  "torch"      vectorised PyTorch: the CPU path, and the CUDA path where no kernel exists.
-  "triton"     Triton kernels (vhack.kernels): the default for CUDA tensors; runs on CPU tensors
-               only under TRITON_INTERPRET=1 (set before triton is imported).
-  "cpp"        the C++ extension vhack._C (CPU), when it was built.
+Backends ("reference", "torch", "triton", "cpp") are described in vhack/ops/dispatch.py.
 `backend=None` picks the default for the tensors' device; `backends()` says what is available.
 Every op validates its inputs before any backend runs, so all backends fail alike.
 
