@@ -1,6 +1,7 @@
 """Build script for the optional C++ CPU extension `vhack._C` (sources in csrc/).
 
-Everything else is declared in pyproject.toml. The extension compiles against the torch that is
+Everything else is declared in pyproject.toml, except the package list (discovered here, see
+`packages`). The extension compiles against the torch that is
 installed at build time, so install with `pip install --no-build-isolation .` (build isolation would
 download a separate, multi-GB torch into the build environment). A failed compile is a warning, never
 a failed install: vhack then serves CPU tensors with its vectorised torch path. Set VHACK_NO_EXT=1
@@ -11,7 +12,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def extension_build():
@@ -67,4 +68,10 @@ def extension_build():
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExt}}
 
 
-setup(**extension_build())
+def packages() -> list[str]:
+    """Every package under vhack/ (discovered, so new subpackages need no list), and kernels/
+    installed as vhack.kernels (see pyproject's package-dir)."""
+    return [*find_packages(include=["vhack", "vhack.*"]), "vhack.kernels"]
+
+
+setup(packages=packages(), **extension_build())

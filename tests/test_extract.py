@@ -98,7 +98,7 @@ def test_batched_basis_equals_the_loop(coding_grads):
     for m, name in enumerate(adapter.names):
         sv_l, sv_b = b_loop.sv(name), b_bat.sv(name)
         torch.testing.assert_close(sv_b, sv_l, rtol=1e-3, atol=1e-3 * float(sv_l[0]))
-        lo = adapter._offsets_list[m]
+        lo = int(adapter.offsets[m])
         D = (loop[0] - loop[1])[:, lo : lo + adapter.ranks[m]]
         margin = _vote_margin(b_loop.V(name), D)
         gaps = (sv_l[:-1] - sv_l[1:]) / sv_l[0]

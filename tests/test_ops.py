@@ -5,6 +5,8 @@ import torch
 from helpers import assert_close
 
 from vhack import ops, reference
+from vhack.ops import dispatch
+from vhack.ops.dispatch import choose_backend
 
 F64 = torch.float64
 
@@ -38,13 +40,13 @@ def test_backend_errors():
         for b in ops.BACKENDS:
             if b not in impls:
                 with pytest.raises(ValueError, match=f"has no '{b}' backend"):
-                    ops._resolve_backend(op, b, torch.device("cpu"))
+                    choose_backend(op, b, torch.device("cpu"))
 
 
 def test_use_backend_sets_default_and_restores():
     with ops.use_backend("reference"):
-        assert ops._resolve_backend("svd_linear", None, torch.device("cpu")) == "reference"
-    assert ops._resolve_backend("svd_linear", None, torch.device("cpu")) != "reference"
+        assert choose_backend("svd_linear", None, torch.device("cpu")) == "reference"
+    assert choose_backend("svd_linear", None, torch.device("cpu")) != "reference"
 
 
 def test_svd_linear_gradcheck_float64():
@@ -133,3 +135,41 @@ def test_merge_weight_and_project_bad_input():
         ops.project_(torch.zeros(12)[::2], offsets, basis, boff, ks)
     with pytest.raises(TypeError, match="alpha must be a Python number"):
         ops.project_(grad, offsets, basis, boff, ks, alpha=torch.tensor(1.0))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_ops_take_the_factors_torch_linalg_svd_returns(backend):
+    """U and Vh straight from torch.linalg.svd (Vh built as a transposed view, U a column slice)
+    work on every backend, like torch ops: same results as contiguous copies."""
+    if backend == "triton" and not dispatch.available("triton", "cpu"):
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(7, 5, generator=g)
+    U_full, S, Vh_full = torch.linalg.svd(W, full_matrices=True)
+    U = U_full[:, :5]  # [7, 5] column slice: not contiguous
+    Vh = Vh_full.T.contiguous().T  # [5, 5] transposed view: not contiguous
+    assert not U.is_contiguous() and not Vh.is_contiguous()
+    dS = torch.randn(5, generator=g) * 0.1
+    x = torch.randn(2, 3, 5, generator=g)
+    gy = torch.randn(2, 3, 7, generator=g)
+    ids = torch.tensor([0, 0, 1, 1, 1, 0])
+    tol = dict(rtol=1e-5, atol=1e-5)
+    Uc, Vhc = U.contiguous(), Vh.contiguous()
+    torch.testing.assert_close(
+        ops.svd_linear(x, U, S, dS, Vh, backend=backend),
+        reference.svd_linear(x, Uc, S, dS, Vhc),
+        **tol,
+    )
+    torch.testing.assert_close(
+        ops.delta_grad(x, gy, U, Vh, ids, backend=backend),
+        reference.delta_grad(x, gy, Uc, Vhc, ids, 2),
+        **tol,
+    )
+    torch.testing.assert_close(
+        ops.merge_weight(U, S, dS, Vh, backend=backend),
+        reference.merge_weight(Uc, S, dS, Vhc),
+        **tol,
+    )
+    # the untouched inputs keep their strides (a copy was made, not an in-place change)
+    assert not U.is_contiguous() and not Vh.is_contiguous()

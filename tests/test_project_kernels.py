@@ -17,12 +17,13 @@ from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import vhack
-from vhack import _projection, ops, reference
+from vhack import ops, reference
+from vhack.ops import dispatch, layout
 from vhack.packing import offsets_from_sizes, pack_blocks
 
 F64 = torch.float64
 MODES = reference.PROJECTION_MODES
-CPP_BUILT = ops._cpp_available()
+CPP_BUILT = dispatch.cpp_available()
 cpp_only = pytest.mark.skipif(
     not CPP_BUILT, reason="vhack._C was not built (see test_extension_required)"
 )
@@ -212,7 +213,7 @@ def test_triton_call_makes_no_host_sync_once_layout_is_cached(monkeypatch):
 
     for name in ("item", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, sync)
-    monkeypatch.setattr(_projection, "_build_layout", sync)
+    monkeypatch.setattr(layout, "build_layout", sync)
     stats = ops.project_(grad, offsets, basis, basis_offsets, kt, backend="triton")
     monkeypatch.undo()
     assert torch.isfinite(stats).all()
@@ -221,8 +222,8 @@ def test_triton_call_makes_no_host_sync_once_layout_is_cached(monkeypatch):
 def test_layout_checked_once_and_again_after_in_place_change(monkeypatch):
     grad, offsets, basis, basis_offsets, kt = make_set([30, 20], [2, 3], stored=[0, 0])
     built = []
-    real = _projection._build_layout
-    monkeypatch.setattr(_projection, "_build_layout", lambda *a: built.append(1) or real(*a))
+    real = layout.build_layout
+    monkeypatch.setattr(layout, "build_layout", lambda *a: built.append(1) or real(*a))
     for _ in range(3):
         ops.project_(grad, offsets, basis, basis_offsets, kt, backend="torch")
     assert len(built) == 1
@@ -312,7 +313,7 @@ def test_traced_by_torch_compile_and_opcheck():
         stats = step(fake.from_tensor(grad))
     assert stats.shape == (3, 4) and stats.dtype == torch.float32
     torch.library.opcheck(
-        ops._project_op,
+        torch.ops.vhack.project_.default,
         (grad.clone(), offsets, basis, basis_offsets, kt, "both", 1.0, False, "torch"),
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
@@ -321,7 +322,7 @@ def test_traced_by_torch_compile_and_opcheck():
 def _skip_unavailable(backend):
     if backend == "cpp" and not CPP_BUILT:
         pytest.skip("vhack._C was not built (see test_extension_required)")
-    if backend == "triton" and not ops._available("triton", "cpu"):
+    if backend == "triton" and not dispatch.available("triton", "cpu"):
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
 
 

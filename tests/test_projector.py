@@ -2,6 +2,8 @@
 research-code style inputs and bad input. Numbers are checked against vhack.reference.project_
 (float64; float32 tolerances rtol 1e-4, atol 1e-5 as in helpers.TOLERANCES)."""
 
+import json
+
 import pytest
 import torch
 from helpers import TOLERANCES, assert_close, random_orthonormal_rows, record_launches
@@ -17,9 +19,9 @@ TOL = dict(zip(("rtol", "atol"), TOLERANCES[torch.float32], strict=True))
 class Toy(nn.Module):
     """Four target Linears of ranks 8, 5, 8, 3."""
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int = 0) -> None:
         super().__init__()
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(seed)
         self.q_proj = nn.Linear(12, 8)
         self.k_proj = nn.Linear(12, 5)
         self.up_proj = nn.Linear(8, 20)
@@ -34,18 +36,18 @@ def adapter():
 
 
 def make_basis(adapter, ks=None, seed=0, skip=("gate_proj",)):
-    """{name: V [k, r] float32} with orthonormal rows; modules in `skip` are absent."""
+    """{name: V [k, r] float32} with orthonormal rows; modules in `skip` get an empty [0, r]
+    block (covered, not projected)."""
     g = torch.Generator().manual_seed(seed)
     ks = ks or {"q_proj": 3, "k_proj": 2, "up_proj": 4, "gate_proj": 1}
     return {
-        n: random_orthonormal_rows(ks[n], r, g).float()
+        n: random_orthonormal_rows(0 if n in skip else ks[n], r, g).float()
         for n, r in zip(adapter.names, adapter.ranks, strict=True)
-        if n not in skip
     }
 
 
 def reference_projection(adapter, basis, grad, mode="hackward", alpha=1.0, preserve=False):
-    blocks = [basis[n].double() if n in basis else None for n in adapter.names]
+    blocks = [basis[n].double() if n in basis and len(basis[n]) else None for n in adapter.names]
     flat, boff, ks = vhack.packing.pack_blocks(blocks, adapter.ranks, dtype=F64)
     out = grad.double().clone()
     stats = reference.project_(out, adapter.offsets, flat, boff, ks, mode, alpha, preserve)
@@ -77,12 +79,14 @@ def test_project_matches_reference_and_stats(adapter, mode):
     num = ref_stats[:, 1] if mode == "hackward" else ref_stats[:, 0]
     cin = num / ref_stats[:, 2]
     assert_close(stats.cin, cin, **TOL, name="cin")
-    projected = torch.tensor([n in basis for n in adapter.names])
+    projected = torch.tensor([len(basis[n]) > 0 for n in adapter.names])
     assert stats.cin[~projected].eq(0).all()  # gate_proj: no basis rows, cin 0
     assert stats.cin_mean == pytest.approx(cin[projected].mean().item(), rel=1e-5)
     assert stats.fired == pytest.approx((cin[projected] > 1e-6).double().mean().item())
     summary = stats.as_dict()
     assert summary["norm_before"] == pytest.approx(grad.norm().item(), rel=1e-5)
+    removed = 1 - (expected.norm() / grad.norm()).item() ** 2
+    assert summary["energy_removed"] == pytest.approx(removed, rel=1e-4, abs=1e-6)
     assert "cin_mean" in repr(stats)
 
 
@@ -174,14 +178,21 @@ def test_nonfinite_gradient_is_named_and_contained(adapter):
     lo, hi = int(adapter.offsets[2]), int(adapter.offsets[3])
 
     target = grad.clone()
-    with pytest.raises(RuntimeError, match=r"non-finite dS gradient in 1 module\(s\): up_proj"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"non-finite dS gradient in up_proj: nothing was projected and the gradient is "
+        "unchanged",
+    ):
         vhack.Projector(adapter, basis).project_(target)
+    assert torch.equal(target.isnan(), grad.isnan())  # all-or-nothing: every module as it was
+    assert torch.equal(target.nan_to_num(), grad.nan_to_num())
+
+    target = grad.clone()
+    with pytest.warns(RuntimeWarning, match=r"up_proj; they are unchanged \(the other modules"):
+        vhack.Projector(adapter, basis, on_nonfinite="warn").project_(target)
     assert torch.equal(target[lo:hi].isnan(), grad[lo:hi].isnan())  # left as it was
     assert_close(target[:lo], clean[:lo], **TOL)  # the others projected
     assert_close(target[hi:], clean[hi:], **TOL)
-
-    with pytest.warns(RuntimeWarning, match="up_proj"):
-        vhack.Projector(adapter, basis, on_nonfinite="warn").project_(grad.clone())
     stats = vhack.Projector(adapter, basis, on_nonfinite="ignore").project_(grad.clone())
     assert stats.nonfinite == ["up_proj"] and stats.cin[2].isnan()
 
@@ -200,17 +211,17 @@ def _bad_bases(adapter):
         (
             {**good, "model.layers.9.mlp.down_proj": torch.zeros(1, 8)},
             ValueError,
-            r"does not wrap \(built for another model.*model.layers.9.mlp.down_proj",
+            r"not wrapped in this model \(model.layers.9.mlp.down_proj\)",
         ),
         (
             {**good, "k_proj": torch.zeros(1, 6)},
             ValueError,
-            r"shapes do not match.*k_proj: got \(1, 6\), expected \[k, 5\]",
+            r"shapes mismatch: k_proj: basis r=6, model r=5",
         ),
         (skewed, ValueError, r"orthonormal.*q_proj \(2.0[0-9]e-02\)"),
         (nan, ValueError, "NaN/inf values: k_proj"),
         ({}, ValueError, "holds no modules"),
-        ([good["q_proj"]], TypeError, "basis must be a dict"),
+        ([good["q_proj"]], TypeError, "basis must be a vhack.HackBasis, a dict"),
         ({"q_proj": good["q_proj"].long()}, TypeError, "dtype torch.int64"),
     ]
 
@@ -312,7 +323,7 @@ def test_update_rule_sign(adapter):
     gradient rule to Delta literally would do the opposite."""
     v = torch.zeros(1, 8)
     v[0, 0] = 1.0
-    proj = vhack.Projector(adapter, {"q_proj": v}, where="update")
+    proj = vhack.Projector(adapter, {"q_proj": v}, where="update", partial=True)
     n = adapter.delta.numel()
     promoting = torch.zeros(n)
     promoting[:2] = torch.tensor([-0.3, 0.4])  # q_proj's first coordinates: V Delta = -0.3 < 0
@@ -324,7 +335,9 @@ def test_update_rule_sign(adapter):
     proj.project_(as_dict)
     assert_close(as_dict["q_proj"], update[:8], rtol=0, atol=0)
     literal = promoting.clone()
-    vhack.Projector(adapter, {"q_proj": v}).project_(literal)  # the gradient rule on Delta
+    vhack.Projector(adapter, {"q_proj": v}, partial=True).project_(
+        literal
+    )  # the gradient rule on Delta
     assert torch.equal(literal, promoting)  # ... keeps exactly the hack-promoting part
     averse = -promoting  # along +v: not hack-promoting, kept
     kept = averse.clone()
@@ -391,15 +404,92 @@ def test_update_mode_closes_the_adam_leak():
 def test_update_mode_restores_modules_with_a_nonfinite_update(adapter):
     basis = make_basis(adapter)
     opt = torch.optim.SGD([adapter.delta], lr=0.1)
-    vhack.Projector(adapter, basis, where="update").attach(opt)
+    with torch.no_grad():
+        adapter.delta.normal_(generator=torch.Generator().manual_seed(0))
+    before = adapter.delta.detach().clone()
     grad = torch.ones(adapter.delta.numel())
     grad[int(adapter.offsets[1])] = float("inf")  # k_proj
-    adapter.delta.grad = grad
-    with pytest.raises(RuntimeError, match=r"non-finite dS update in 1 module\(s\): k_proj"):
+    # "raise": the whole step is undone, delta is exactly its pre-step value
+    proj = vhack.Projector(adapter, basis, where="update").attach(opt)
+    adapter.delta.grad = grad.clone()
+    with pytest.raises(
+        RuntimeError,
+        match=r"non-finite dS update in k_proj: nothing was projected and adapter.delta was "
+        "restored to its value before the optimizer step",
+    ):
+        opt.step()
+    assert torch.equal(adapter.delta.detach(), before)
+    proj.detach()
+    # "warn": the finite modules step (projected), the bad one keeps its pre-step values
+    vhack.Projector(adapter, basis, where="update", on_nonfinite="warn").attach(opt)
+    with pytest.warns(RuntimeWarning, match="k_proj; they keep their pre-step values"):
         opt.step()
     lo, hi = int(adapter.offsets[1]), int(adapter.offsets[2])
-    assert torch.equal(adapter.delta[lo:hi], torch.zeros(hi - lo))  # kept its pre-step value
-    assert torch.isfinite(adapter.delta).all() and adapter.delta[:lo].abs().sum() > 0
+    assert torch.equal(adapter.delta[lo:hi], before[lo:hi])  # kept its pre-step value
+    assert torch.isfinite(adapter.delta).all()
+    assert not torch.equal(adapter.delta[:lo], before[:lo])
+
+
+def test_attached_grad_mode_nonfinite_gradient_skips_the_step(adapter):
+    """on_nonfinite='raise' in a hook: the optimizer step does not run, delta and its gradient
+    are exactly as they were."""
+    opt = torch.optim.AdamW([adapter.delta], lr=0.1)
+    vhack.Projector(adapter, make_basis(adapter)).attach(opt)
+    grad = torch.randn(adapter.delta.numel(), generator=torch.Generator().manual_seed(4))
+    grad[-1] = float("nan")  # gate_proj: not even a projected module
+    adapter.delta.grad = grad.clone()
+    before = adapter.delta.detach().clone()
+    with pytest.raises(RuntimeError, match="non-finite dS gradient in gate_proj"):
+        opt.step()
+    assert torch.equal(adapter.delta.detach(), before)
+    assert torch.equal(adapter.delta.grad.nan_to_num(), grad.nan_to_num())
+
+
+# ---- compatibility of a basis with the adapter ------------------------------------------------
+
+
+def _fingerprinted(adapter, source, names=None):
+    """A HackBasis over `names` (default all) of `adapter`, carrying `source`'s fingerprint."""
+    from vhack.basis import adapter_fingerprint
+
+    g = torch.Generator().manual_seed(5)
+    names = names or adapter.names
+    V = {n: random_orthonormal_rows(1, adapter.modules[n].rank, g).float() for n in names}
+    meta = {"fingerprint": json.dumps(adapter_fingerprint(source)), "model": "toy"}
+    return vhack.HackBasis(V, {n: torch.ones(1) for n in names}, meta)
+
+
+def test_basis_of_another_model_is_refused(adapter):
+    other = vhack.wrap(Toy(seed=1), use_cache=False, progress=False)  # same shapes, other weights
+    basis = _fingerprinted(adapter, other)
+    with pytest.raises(ValueError, match=r"extracted from another model \('toy'\).*q_proj: weight"):
+        vhack.Projector(adapter, basis)
+    with pytest.warns(UserWarning, match="used anyway: strict=False"):
+        vhack.Projector(adapter, basis, strict=False)
+    vhack.Projector(adapter, _fingerprinted(adapter, adapter))  # its own model: accepted
+
+
+def test_partial_basis_needs_opt_in_and_is_reported(adapter):
+    subset = {n: V for n, V in make_basis(adapter, skip=()).items() if n != "up_proj"}
+    with pytest.raises(
+        ValueError, match=r"covers 3 of the 4 wrapped modules; not covered: up_proj"
+    ):
+        vhack.Projector(adapter, subset)
+    with pytest.warns(UserWarning, match=r"1 wrapped module\(s\) are not projected: up_proj"):
+        proj = vhack.Projector(adapter, subset, partial=True)
+    assert proj.unprojected == ["up_proj"] and proj.ks[2] == 0
+    # a smaller model's basis (a prefix of the modules, with its own fingerprint) is refused too
+    small = vhack.wrap(Toy(), targets=["q_proj", "k_proj"], use_cache=False, progress=False)
+    with pytest.raises(ValueError, match="covers 2 of the 4 wrapped modules"):
+        vhack.Projector(adapter, _fingerprinted(small, small))
+    # modules an extracted basis dropped itself (noise floor) are not a partial match
+    full = _fingerprinted(adapter, adapter)
+    floored = vhack.HackBasis(
+        {n: full.V(n) for n in full.names if n != "k_proj"},
+        {n: full.sv(n) for n in full.names if n != "k_proj"},
+        full.metadata,
+    )
+    assert vhack.Projector(adapter, floored).unprojected == []
 
 
 @pytest.mark.interpreter

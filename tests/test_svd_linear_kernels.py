@@ -472,9 +472,6 @@ def test_launch_needs_cuda_or_interpreter(no_launch, monkeypatch):
 @interpreter
 def test_ops_triton_backend_rejects_bad_input(no_launch):
     a = _good()
-    U_t = rand((4, 5), torch.float32, 3).T  # right shape, wrong strides
-    with pytest.raises(ValueError, match="U must be contiguous for backend='triton'"):
-        ops.svd_linear(a["x"], U_t, a["S"], a["dS"], a["Vh"], backend="triton")
     with pytest.raises(TypeError, match="backend='triton' takes float32/bfloat16/float16"):
         ops.merge_weight(
             *(t.double() for t in (a["U"], a["S"], a["dS"], a["Vh"])), backend="triton"

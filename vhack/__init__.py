@@ -5,13 +5,13 @@ and project the hack-ward part out of the dS gradient at every optimizer step. S
 """
 
 # _source_tree comes first: in a source checkout it maps kernels/ to vhack.kernels (see there).
-from vhack import _source_tree, models, ops, reference, validate  # noqa: F401 (_source_tree)
+from vhack import _source_tree, errors, lm, models, ops, reference, validate  # noqa: F401
 from vhack._version import __version__
 from vhack.adapter import DEFAULT_TARGETS, Adapter, SegmentGrads, SVDLinear, wrap
 from vhack.basis import HackBasis
 from vhack.extract import extract, load_or_extract
 from vhack.pairs import Pair, builtin_pairs, load_pairs
-from vhack.project import Projector, ProjStats
+from vhack.projector import Projector, ProjStats
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -24,7 +24,9 @@ __all__ = [
     "SegmentGrads",
     "__version__",
     "builtin_pairs",
+    "errors",
     "extract",
+    "lm",
     "load_or_extract",
     "load_pairs",
     "models",

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from vhack import ops
 from vhack.cache import cache_dir as resolve_cache_dir
 from vhack.cache import svd_cache_enabled
+from vhack.ops.svd_linear import check_segment_range
 
 __all__ = ["DEFAULT_TARGETS", "Adapter", "SVDLinear", "SegmentGrads", "wrap"]
 
@@ -352,7 +353,7 @@ class Adapter:
             raise ValueError(f"segment_ids must be 1-D [N], got shape {tuple(segment_ids.shape)}")
         segment_ids = segment_ids.to(self.delta.device).contiguous()
         # Check the ids once here (one host sync), so the per-module reductions skip the check.
-        n_segments = ops._check_segment_range(segment_ids, n_segments)
+        n_segments = check_segment_range(segment_ids, n_segments)
         capture = SegmentGrads(self, segment_ids, n_segments)
         self._store.capture = capture
         try:

@@ -307,6 +307,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     """Versions, the backends available on this machine, and the disk cache."""
     import vhack
     from vhack.cache import cache_dir, svd_cache_enabled
+    from vhack.sandbox import probe as sandbox_probe
 
     root = cache_dir()
     svd = root / "svd"
@@ -320,6 +321,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             "svd_cache": svd_cache_enabled(),
             "svd_bytes": sum(f.stat().st_size for f in svd.glob("*.safetensors")),
         },
+        "sandbox": sandbox_probe().to_dict(),  # isolation for untrusted code (vhack.sandbox)
     }
     print(json.dumps(info, indent=2))
     return 0
@@ -332,7 +334,7 @@ def _cmd_example(args: argparse.Namespace) -> int:
     hack-ward fraction of what each step projected (cin) and how far each run moved the model
     toward the hacks, on the pairs the basis came from and on the held-out pairs."""
     import vhack
-    from vhack.extract import completion_losses
+    from vhack.lm import completion_losses
 
     pairs = _pairs(args.pairs)
     _check_pairs(pairs, 1, 0.0, args.n_heldout)

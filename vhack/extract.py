@@ -30,8 +30,7 @@ import os
 import re
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -41,15 +40,23 @@ from vhack import reference
 from vhack._version import __version__
 from vhack.basis import BasisFileError, HackBasis, adapter_fingerprint
 from vhack.cache import cache_dir as resolve_cache_dir
+from vhack.lm import (
+    Prompt,
+    completion_losses,
+    completion_nll,
+    compute_dtype,
+    encode,
+    encode_many,
+    eval_with_grad,
+    pad_token_id,
+    prompt_text,
+)
 from vhack.pairs import Pair, pairset_hash
 from vhack.shared_prompt import (
-    compute_dtype,
     cost_ratio,
     pack_pairs,
     packed_length,
     pair_nll,
-    slot_means,
-    token_nll,
     unsupported_reason,
 )
 
@@ -76,113 +83,9 @@ PAIR_METHODS = ("auto", "shared", "batched", "loop")  # per-pair differences
 # batch_size=None: rows sorted by length, as many per forward as fit in this many padded tokens.
 DEFAULT_BATCH_TOKENS = 8192
 
-Prompt = str | Sequence[dict[str, str]]
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenization
-# ---------------------------------------------------------------------------------------------
-
-
-def prompt_text(tokenizer, prompt: Prompt) -> str:
-    """The text a prompt stands for: itself, or a chat rendered with the tokenizer's chat template
-    (generation prompt added); without a template, "role: content" lines then "assistant: "."""
-    if isinstance(prompt, str):
-        return prompt
-    messages = [dict(m) for m in prompt]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-
-
-def encode(tokenizer, prompt: Prompt, completion: str) -> tuple[list[int], int]:
-    """(token ids of prompt_text + completion, index of the first completion token)."""
-    return encode_many(tokenizer, [(prompt, completion)])[0]
-
-
-def encode_many(tokenizer, items: Sequence[tuple[Prompt, str]]) -> list[tuple[list[int], int]]:
-    """`encode` of every (prompt, completion), tokenized in batched tokenizer calls."""
-    texts = [prompt_text(tokenizer, prompt) for prompt, _ in items]
-    # A chat template writes its special tokens itself; plain text gets the tokenizer's defaults.
-    out: list[tuple[list[int], int] | None] = [None] * len(items)
-    for add_special in (True, False):
-        idx = [i for i, (p, _) in enumerate(items) if isinstance(p, str) == add_special]
-        if not idx:
-            continue
-        # One tokenizer call for the full texts and the distinct prompts (a pair's two
-        # completions share theirs).
-        prompts = list(dict.fromkeys(texts[i] for i in idx))
-        fulls = [texts[i] + items[i][1] for i in idx]
-        ids_all = tokenizer(fulls + prompts, add_special_tokens=add_special)["input_ids"]
-        prompt_ids_of = dict(zip(prompts, ids_all[len(fulls) :], strict=True))
-        for i, ids in zip(idx, ids_all[: len(fulls)], strict=True):
-            prompt_ids = prompt_ids_of[texts[i]]
-            start = 0  # the common prefix, should the tokenizer merge across the boundary
-            while start < min(len(ids), len(prompt_ids)) and ids[start] == prompt_ids[start]:
-                start += 1
-            out[i] = (list(ids), start)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Per-completion gradients
 # ---------------------------------------------------------------------------------------------
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
-@contextmanager
-def _extraction_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode with gradients enabled; every submodule's training flag is restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def _completion_nll(
-    model: torch.nn.Module, seqs: list[tuple[list[int], int]], pad_id: int, device: torch.device
-) -> torch.Tensor:
-    """Mean NLL of each sequence's completion tokens [B] (float32); seqs are (token ids, index of
-    the first completion token), right-padded with pad_id into one batch."""
-    ids = torch.full((len(seqs), max(len(toks) for toks, _ in seqs)), pad_id, dtype=torch.int64)
-    rows, preds, targets = [], [], []
-    for b, (toks, start) in enumerate(seqs):
-        ids[b, : len(toks)] = torch.tensor(toks, dtype=torch.int64)
-        rows.append(torch.full((len(toks) - start,), b, dtype=torch.int64))
-        preds.append(torch.arange(start - 1, len(toks) - 1))  # token i is predicted at i - 1
-        targets.append(torch.tensor(toks[start:], dtype=torch.int64))
-    row = torch.cat(rows).to(device)
-    # No attention mask: in a causal LM, real tokens never attend to the right padding after them,
-    # and no loss is read at a padding position. Without a mask the attention keeps its fast
-    # causal path.
-    nll = token_nll(
-        model,
-        ids.to(device),
-        row,
-        torch.cat(preds).to(device),
-        torch.cat(targets).to(device),
-        min(start for _, start in seqs) - 1,
-    )
-    return slot_means(nll, row, len(seqs))
-
-
-def completion_losses(model, tokenizer, items: Sequence[tuple[Prompt, str]]) -> torch.Tensor:
-    """Mean NLL of each completion's tokens given its prompt: float32 [n], differentiable.
-
-    items: (prompt, completion) pairs, tokenized like `extract` does (`encode_many`) and run as
-    one right-padded batch on the model's device.
-    """
-    seqs = encode_many(tokenizer, items)
-    pad_id = _pad_id(tokenizer)
-    device = next(model.parameters()).device
-    return _completion_nll(model, seqs, pad_id, device)
 
 
 def _check_finite(
@@ -264,7 +167,7 @@ def completion_grads(
     seqs = encode_many(tokenizer, items)
     _check_encoded(seqs, labels)
     return _grads_of_encoded(
-        adapter, seqs, labels, _pad_id(tokenizer), method, batch_size, progress
+        adapter, seqs, labels, pad_token_id(tokenizer), method, batch_size, progress
     )
 
 
@@ -285,19 +188,19 @@ def _grads_of_encoded(
     else:
         batches = make_batches([len(ids) for ids, _ in seqs], batch_size)
 
-    with _extraction_mode(adapter.model):
+    with eval_with_grad(adapter.model):
         for batch in tqdm(batches, desc="vhack: completion gradients", disable=not progress):
             batch_seqs = [seqs[i] for i in batch]
             batch_labels = [labels[i] for i in batch]
             if method == "loop":
-                nll = _completion_nll(adapter.model, batch_seqs, pad_id, device)
+                nll = completion_nll(adapter.model, batch_seqs, pad_id, device)
                 (grad,) = torch.autograd.grad(nll.sum(), delta)
                 grads = grad[None]
             else:
                 T = max(len(ids) for ids, _ in batch_seqs)
                 segment_ids = torch.arange(len(batch), device=device).repeat_interleave(T)
                 with adapter.segment_grads(segment_ids, len(batch)) as cap:
-                    nll = _completion_nll(adapter.model, batch_seqs, pad_id, device)
+                    nll = completion_nll(adapter.model, batch_seqs, pad_id, device)
                     torch.autograd.grad(nll.sum(), delta)
                 grads = cap.packed
             _check_finite(nll.detach(), grads, batch_labels)
@@ -365,7 +268,7 @@ def _shared_mismatch(model, hack, clean, pad_id: int, device: torch.device) -> s
     Raises _Inconclusive when the unshared NLLs are not finite (the pass proper reports that)."""
     with torch.no_grad():
         nll_h, nll_c = pair_nll(model, pack_pairs([hack], [clean], pad_id).to(device))
-        alone = _completion_nll(model, [hack, clean], pad_id, device)
+        alone = completion_nll(model, [hack, clean], pad_id, device)
     if not torch.isfinite(alone).all():
         raise _Inconclusive
     shared = torch.stack([nll_h[0], nll_c[0]])
@@ -395,7 +298,7 @@ def _resolve_method(adapter, method: str, hacks, cleans, pad_id: int) -> str:
         checks = _SHARED_CHECKS.setdefault(model, {})
         if key not in checks:
             try:
-                with _extraction_mode(model):
+                with eval_with_grad(model):
                     checks[key] = _shared_mismatch(
                         model, hacks[0], cleans[0], pad_id, adapter.delta.device
                     )
@@ -421,7 +324,7 @@ def choose_method(adapter, tokenizer, pairs: Sequence[Pair], method: str = "auto
         return "batched" if method != "loop" else "loop"
     encoded, _ = _encode_pairs(tokenizer, pairs, 0)
     hacks, cleans = encoded[: len(pairs)], encoded[len(pairs) :]
-    return _resolve_method(adapter, method, hacks, cleans, _pad_id(tokenizer))
+    return _resolve_method(adapter, method, hacks, cleans, pad_token_id(tokenizer))
 
 
 def pair_differences(
@@ -448,7 +351,7 @@ def pair_differences(
     _check_batch_size(batch_size)
     encoded, labels = _encode_pairs(tokenizer, pairs, first_index)
     hacks, cleans = encoded[: len(pairs)], encoded[len(pairs) :]
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     resolved = _resolve_method(adapter, method, hacks, cleans, pad_id) if pairs else "batched"
     if resolved != "shared":
         G = _grads_of_encoded(adapter, encoded, labels, pad_id, resolved, batch_size, progress)
@@ -458,7 +361,7 @@ def pair_differences(
     out = torch.zeros(len(pairs), delta.numel(), dtype=torch.float32, device=device)
     lengths = [packed_length(h, c) for h, c in zip(hacks, cleans, strict=True)]
     batches = make_batches(lengths, batch_size)
-    with _extraction_mode(adapter.model):
+    with eval_with_grad(adapter.model):
         for batch in tqdm(batches, desc="vhack: pair differences", disable=not progress):
             packed = pack_pairs([hacks[i] for i in batch], [cleans[i] for i in batch], pad_id)
             packed = packed.to(device)

@@ -23,17 +23,15 @@ from dataclasses import dataclass
 
 import torch
 
+from vhack.lm import compute_dtype, slot_means, token_nll
+
 __all__ = [
     "PackedPairs",
-    "compute_dtype",
     "cost_ratio",
-    "keeps_logits",
     "pack_pairs",
     "packed_length",
     "pair_nll",
     "shared_prefix",
-    "slot_means",
-    "token_nll",
     "unsupported_reason",
 ]
 
@@ -203,22 +201,6 @@ def cost_ratio(
     return shared / separate
 
 
-def compute_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype the model computes in: that of its input embeddings (float32 if it has none)."""
-    get = getattr(model, "get_input_embeddings", None)
-    embeddings = get() if get is not None else None
-    weight = getattr(embeddings, "weight", None)
-    return weight.dtype if weight is not None else torch.float32
-
-
-def keeps_logits(model: torch.nn.Module) -> bool:
-    """Whether model.forward takes logits_to_keep (transformers causal LMs)."""
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def pair_nll(model: torch.nn.Module, packed: PackedPairs) -> tuple[torch.Tensor, torch.Tensor]:
     """(nll_hack [B], nll_clean [B]) float32, differentiable: each completion's mean NLL from one
     forward of the packed rows (already on the model's device)."""
@@ -241,31 +223,3 @@ def pair_nll(model: torch.nn.Module, packed: PackedPairs) -> tuple[torch.Tensor,
     )
     mean = slot_means(nll, 2 * packed.row + packed.side, 2 * packed.n_rows)
     return mean.view(packed.n_rows, 2).unbind(1)
-
-
-def token_nll(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    row: torch.Tensor,
-    pred_pos: torch.Tensor,
-    target: torch.Tensor,
-    first_pred: int,
-    **model_kwargs,
-) -> torch.Tensor:
-    """NLL [N] float32 of each token target[j] under the logits at (row[j], pred_pos[j]) of one
-    forward of input_ids [B, L] (model_kwargs go to the model). first_pred <= every pred_pos:
-    logits are kept from there on only (logits_to_keep, where the model takes it)."""
-    L = input_ids.shape[1]
-    if keeps_logits(model):
-        model_kwargs["logits_to_keep"] = L - first_pred
-    logits = model(input_ids=input_ids, **model_kwargs).logits
-    offset = L - logits.shape[1]  # logits[:, j] is position offset + j
-    picked = logits[row, pred_pos - offset].float()  # [N, vocab]
-    return torch.nn.functional.cross_entropy(picked, target, reduction="none")
-
-
-def slot_means(values: torch.Tensor, slot: torch.Tensor, n_slots: int) -> torch.Tensor:
-    """Mean of values [N] per slot id in [0, n_slots) -> [n_slots] (NaN for an empty slot)."""
-    sums = torch.zeros(n_slots, dtype=values.dtype, device=values.device)
-    counts = torch.zeros(n_slots, dtype=values.dtype, device=values.device)
-    return sums.index_add(0, slot, values) / counts.index_add(0, slot, torch.ones_like(values))

@@ -43,6 +43,7 @@ from vhack.extract import (
 )
 from vhack.packing import offsets_from_sizes
 from vhack.pairs import Pair, normalize_prompt, pairset_hash
+from vhack.projector import cin_mean
 
 __all__ = [
     "STATISTICS",
@@ -79,18 +80,18 @@ def _check_grads(grads: torch.Tensor, layout, what: str = "grads") -> None:
 def _cin_rows(
     packed: PackedBasis, offsets: torch.Tensor, grads: torch.Tensor, statistic: str
 ) -> torch.Tensor:
-    """cin of every row of grads [n, R_total] -> float32 [n] (NaN where no module counts)."""
+    """cin of every row of grads [n, R_total] -> float32 [n] (`vhack.projector.cin_mean`: NaN
+    where no module counts)."""
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
-    column = 1 if statistic == "hackward" else 0
-    covered = packed.ks > 0
-    out = torch.empty(grads.shape[0], dtype=torch.float32, device=grads.device)
-    for i in range(grads.shape[0]):
-        g = grads[i].contiguous().float()
-        stats = ops.project_(g, offsets, *packed, mode="measure")
-        use = covered & (stats[:, 2] > 0)
-        out[i] = (stats[use, column] / stats[use, 2]).mean() if use.any() else float("nan")
-    return out
+    stats = (
+        torch.stack(
+            [ops.project_(g.contiguous().float(), offsets, *packed, mode="measure") for g in grads]
+        )
+        if grads.shape[0]
+        else grads.new_zeros(0, packed.ks.numel(), 4)
+    )
+    return cin_mean(stats, packed.ks > 0, one_sided=statistic == "hackward")
 
 
 def cin_per_sample(

@@ -1,5 +1,5 @@
-"""Backend plumbing of `vhack.ops.project_`: the validated, cached layout of a packed module set,
-and the vectorised torch implementation of the projection.
+"""The validated, cached layout of a packed module set, shared by every backend of
+`vhack.ops.project_`.
 
 A layout is (offsets, basis_offsets, ks) plus the sizes of the grad and basis they index. Checking
 its values needs them on the host (one synchronisation on CUDA), so it is done once per layout and
@@ -18,16 +18,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vhack.kernels.utils import empty
-from vhack.reference import PRESERVE_MIN_RATIO
-
-__all__ = ["ProjectionLayout", "layout_for", "project_torch_"]
+__all__ = ["ModuleGroup", "ProjectionLayout", "build_layout", "layout_for"]
 
 _CACHE_SIZE = 16
 
 
 @dataclass
-class _Group:
+class ModuleGroup:
     """Modules that share (r, k): gathered and projected together by batched matmuls."""
 
     modules: torch.Tensor  # int64 [n] module indices
@@ -49,7 +46,7 @@ class ProjectionLayout:
     order: torch.Tensor
     k_max: int
     max_r: int
-    _groups: list[_Group] | None = None
+    _groups: list[ModuleGroup] | None = None
     _basis_key: tuple | None = None
     _basis_blocks: list[torch.Tensor] = field(default_factory=list)
 
@@ -57,7 +54,7 @@ class ProjectionLayout:
     def n_modules(self) -> int:
         return len(self.r)
 
-    def groups(self, device: torch.device) -> list[_Group]:
+    def groups(self, device: torch.device) -> list[ModuleGroup]:
         """Modules grouped by (r, k), with their gather indices (built once)."""
         if self._groups is None:
             by_shape: dict[tuple[int, int], list[int]] = {}
@@ -68,7 +65,7 @@ class ProjectionLayout:
                 starts = torch.tensor([self.lo[m] for m in mods], dtype=torch.int64)
                 index = (starts[:, None] + torch.arange(r, dtype=torch.int64)).reshape(-1)
                 self._groups.append(
-                    _Group(
+                    ModuleGroup(
                         torch.tensor(mods, dtype=torch.int64, device=device), index.to(device), r, k
                     )
                 )
@@ -122,7 +119,7 @@ def layout_for(
     if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors, strict=True)):
         _layouts.move_to_end(key)
         return hit[1]
-    layout = _build_layout(offsets, basis_offsets, ks, grad_numel, basis_numel)
+    layout = build_layout(offsets, basis_offsets, ks, grad_numel, basis_numel)
     if None not in versions:
         _layouts[key] = (tuple(weakref.ref(t) for t in tensors), layout)
         while len(_layouts) > _CACHE_SIZE:
@@ -130,7 +127,7 @@ def layout_for(
     return layout
 
 
-def _build_layout(offsets, basis_offsets, ks, grad_numel, basis_numel) -> ProjectionLayout:
+def build_layout(offsets, basis_offsets, ks, grad_numel, basis_numel) -> ProjectionLayout:
     off = offsets.tolist()
     boff = basis_offsets.tolist()
     kk = ks.tolist()
@@ -164,45 +161,3 @@ def _build_layout(offsets, basis_offsets, ks, grad_numel, basis_numel) -> Projec
         k_max=max(kk, default=0),
         max_r=max(r, default=0),
     )
-
-
-def project_torch_(
-    grad: torch.Tensor,
-    basis: torch.Tensor,
-    layout: ProjectionLayout,
-    mode: str,
-    alpha: float,
-    preserve_magnitude: bool,
-) -> torch.Tensor:
-    """The projection of `vhack.reference.project_`, vectorised: modules of equal (r, k) are
-    gathered into [n, r] and projected with batched matmuls (a loop over distinct shapes, two or
-    three in a transformer, never over modules). Math in float32 (float64 for float64 grads);
-    returns stats float32 [M, 4]."""
-    ct = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    stats = empty((layout.n_modules, 4), torch.float32, grad.device)
-    project = mode != "measure"
-    for grp, V in zip(layout.groups(grad.device), layout.basis_blocks(basis, ct), strict=True):
-        n = grp.modules.numel()
-        g = grad.index_select(0, grp.index).to(ct).reshape(n, grp.r)
-        norm_g = torch.linalg.vector_norm(g, dim=1)
-        # c [n, k] as row vector x V^T: on CPU this form runs ~7x faster than bmm(V, g[..., None])
-        c = torch.bmm(g.unsqueeze(1), V.mT).squeeze(1)
-        relu_c = c.clamp_min(0)  # keeps a NaN
-        norm_c = torch.linalg.vector_norm(c, dim=1)
-        after = norm_g
-        if project and grp.k > 0:
-            phi = {"hackward": relu_c, "both": c, "reverse": 2.0 * c}[mode] * alpha
-            new = torch.baddbmm(g.unsqueeze(1), phi.unsqueeze(1), V, alpha=-1).squeeze(1)
-            norm_new = torch.linalg.vector_norm(new, dim=1)
-            if preserve_magnitude:
-                rescale = norm_new > PRESERVE_MIN_RATIO * norm_g
-                new = new * torch.where(rescale, norm_g / norm_new, 1.0)[:, None]
-                norm_new = torch.linalg.vector_norm(new, dim=1)
-            ok = torch.isfinite(norm_g) & torch.isfinite(norm_c)
-            grad.index_copy_(
-                0, grp.index, torch.where(ok[:, None], new, g).reshape(-1).to(grad.dtype)
-            )
-            after = torch.where(ok, norm_new, norm_g)
-        rows = torch.stack([norm_c, torch.linalg.vector_norm(relu_c, dim=1), norm_g, after], 1)
-        stats.index_copy_(0, grp.modules, rows.to(torch.float32))
-    return stats

@@ -24,6 +24,7 @@ part and remove the rest.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Mapping
 from functools import cached_property
@@ -32,10 +33,10 @@ import torch
 
 from vhack import ops
 from vhack.adapter import Adapter
-from vhack.packing import pack_blocks
+from vhack.basis import SV_PREFIX, HackBasis, check_compatible, fingerprint_mismatches
 from vhack.reference import PROJECTION_MODES
 
-__all__ = ["ORTHONORMAL_TOL", "ProjStats", "Projector"]
+__all__ = ["ORTHONORMAL_TOL", "ProjStats", "Projector", "as_hack_basis", "cin", "cin_mean"]
 
 # Basis rows must satisfy max |V V^T - I| <= ORTHONORMAL_TOL (all-zero rows are exempt: extraction
 # zeroes weak axes with tau_axis). float32 SVD output is orthonormal to ~1e-6.
@@ -45,14 +46,35 @@ ON_NONFINITE = ("raise", "warn", "ignore")
 FIRED_THRESHOLD = 1e-6
 
 
+def cin(raw: torch.Tensor, one_sided: bool) -> torch.Tensor:
+    """cin of every module from projection statistics raw [..., M, 4] (|Vg|, |relu(Vg)|, |g|
+    before, after) -> [..., M]: |relu(Vg)| / |g| (one-sided, "hackward") or |Vg| / |g|; 0 where
+    |g| = 0; NaN stays NaN. The one definition used by ProjStats and vhack.validate."""
+    num = raw[..., 1] if one_sided else raw[..., 0]
+    g = raw[..., 2]
+    return torch.where(g == 0, torch.zeros_like(g), num / g)
+
+
+def cin_mean(raw: torch.Tensor, covered: torch.Tensor, one_sided: bool) -> torch.Tensor:
+    """Unweighted mean of `cin` over the modules that count: covered by the basis (bool [M], k > 0)
+    and with a non-zero gradient -> [...] float32 (NaN when no module counts; a NaN gradient stays
+    visible as NaN). Modules without a gradient carry no direction and are left out."""
+    counts = covered & (raw[..., 2] != 0)
+    values = torch.where(counts, cin(raw, one_sided), torch.zeros_like(raw[..., 2]))
+    return values.sum(-1) / counts.sum(-1)
+
+
 class ProjStats:
     """Statistics of one projection, kept on the device until a field is read.
 
     raw [M, 4] float32: |Vg|, |relu(Vg)|, |g| before, |g| after per module (for an update, g is
     -Delta). cin [M]: |relu(Vg)| / |g| for the one-sided mode ("hackward"), |Vg| / |g| otherwise;
-    0 for a zero gradient and for modules without basis rows; NaN for a non-finite gradient.
-    cin_mean: unweighted mean of cin over projected modules (k > 0); fired: fraction of those with
-    cin > 1e-6. Reading cin_mean, fired, nonfinite or as_dict() synchronises; raw and cin do not.
+    0 for a zero gradient and for modules without basis rows; NaN for a non-finite gradient
+    (`vhack.projector.cin`). cin_mean: unweighted mean of cin over the projected modules (k > 0)
+    with a non-zero gradient (`vhack.projector.cin_mean`; NaN when there are none); fired:
+    fraction of those with cin > 1e-6; energy_removed: 1 - sum |g after|^2 / sum |g before|^2
+    over all modules. Reading cin_mean, fired, energy_removed, nonfinite or as_dict()
+    synchronises; raw and cin do not.
     """
 
     def __init__(
@@ -66,18 +88,16 @@ class ProjStats:
     @cached_property
     def cin(self) -> torch.Tensor:
         """[M] float32 on the device."""
-        num = self.raw[:, 1] if self.one_sided else self.raw[:, 0]
-        g = self.raw[:, 2]
-        return torch.where(g == 0, torch.zeros_like(g), num / g)  # NaN |g| stays NaN
+        return cin(self.raw, self.one_sided)
 
     @cached_property
-    def _summary(self) -> tuple[float, float]:
-        cin = torch.where(self.projected, self.cin, torch.zeros_like(self.cin))
-        n = self.projected.sum().clamp_min(1)
-        fired = (cin > FIRED_THRESHOLD).sum() / n
-        mean = cin.sum() / n  # a NaN in a projected module stays visible
-        cin_mean, fired = torch.stack([mean, fired]).tolist()  # one synchronisation
-        return cin_mean, fired
+    def _summary(self) -> tuple[float, float, float]:
+        counts = self.projected & (self.raw[:, 2] != 0)
+        fired = (counts & (self.cin > FIRED_THRESHOLD)).sum() / counts.sum()
+        mean = cin_mean(self.raw, self.projected, self.one_sided)
+        before, after = self.raw[:, 2:4].square().sum(0)
+        removed = 1 - after / before
+        return tuple(torch.stack([mean, fired, removed]).tolist())  # one synchronisation
 
     @property
     def cin_mean(self) -> float:
@@ -86,6 +106,12 @@ class ProjStats:
     @property
     def fired(self) -> float:
         return self._summary[1]
+
+    @property
+    def energy_removed(self) -> float:
+        """Share of the gradient's squared norm the projection removed (NaN for a zero gradient;
+        0 in measure mode)."""
+        return self._summary[2]
 
     def all_finite(self) -> bool:
         """True when every module's gradient and coefficients were finite."""
@@ -98,11 +124,13 @@ class ProjStats:
         return [self.names[i] for i in bad.nonzero().flatten().tolist()]
 
     def as_dict(self) -> dict[str, float]:
-        """cin_mean, fired, and the global norms before and after: ready for a logger."""
+        """cin_mean, fired, energy_removed, and the global norms before and after: ready for a
+        logger."""
         before, after = self.raw[:, 2:4].square().sum(0).sqrt().tolist()
         return {
             "cin_mean": self.cin_mean,
             "fired": self.fired,
+            "energy_removed": self.energy_removed,
             "norm_before": before,
             "norm_after": after,
         }
@@ -117,18 +145,36 @@ class ProjStats:
 class Projector:
     """Projects the hack-ward component out of an adapter's packed dS gradient (or update).
 
-    adapter: a vhack.Adapter. basis: dict {module name: V [k, r]} or an object with `.names` and
-    `.V(name)` (vhack.HackBasis); rows orthonormal (or all zero), oriented hack-ward; names must
-    be wrapped modules and r must match. mode: "hackward" (one-sided, default), "both", "reverse"
-    or "measure"; alpha: overshoot factor; where: "grad" (project dS.grad) or "update" (project
-    the parameter change of each optimizer step; see the module docstring for the sign).
+    adapter: a vhack.Adapter. basis: a vhack.HackBasis, a dict {module name: V [k, r]}, or an
+    object with `.names` and `.V(name)`; rows orthonormal (or all zero), oriented hack-ward. It is
+    packed once, in the adapter's module order (`HackBasis.packed`). mode: "hackward" (one-sided,
+    default), "both", "reverse" or "measure"; alpha: overshoot factor; where: "grad" (project
+    dS.grad) or "update" (project the parameter change of each optimizer step; see the module
+    docstring for the sign).
+
+    Compatibility (checked here, like `HackBasis.load`): every basis module must be wrapped with
+    the same r; a basis that carries a model fingerprint (from `vhack.extract` or a file) must
+    match this model's weights (another seed, depth or checkpoint is refused: strict=False turns
+    that into a warning). A basis that does not cover every wrapped module (a basis made for
+    other targets or a smaller model, a hand-made dict) is refused unless partial=True; the
+    modules left unprojected are then listed in `unprojected` and in a warning. Modules an
+    extracted basis dropped itself (the noise floor of `HackBasis.load(drop_bottom_frac=...)`)
+    are not a partial match.
 
     Keyword-only: k (use the first k rows of every module; None = all stored rows; a module that
     stores fewer is an error), preserve_magnitude (rescale each projected module to its original
-    norm), on_nonfinite ("raise": a NaN/inf gradient raises RuntimeError naming the modules, which
-    costs one host synchronisation per call; "warn": the same as a warning; "ignore": no check
-    and no synchronisation, the statistics still show it), orthonormal_tol (ORTHONORMAL_TOL),
-    backend (force a vhack.ops backend).
+    norm), on_nonfinite (what a NaN/inf gradient or update does; one host synchronisation per call
+    unless "ignore"):
+      "raise"  (default) all-or-nothing: nothing is projected, RuntimeError names the modules.
+               where="grad": adapter.delta.grad is left exactly as backward produced it (and the
+               optimizer step, when attached, does not run); where="update": adapter.delta is
+               restored to its value before the optimizer step (the optimizer's own state, e.g.
+               Adam's moments, has advanced).
+      "warn"   the finite modules are projected, the non-finite ones left as they were (for an
+               update: they keep their pre-step values); a RuntimeWarning names them.
+      "ignore" as "warn" without the check or the warning; the statistics still show NaN.
+    strict, partial: see Compatibility. orthonormal_tol (ORTHONORMAL_TOL), backend (force a
+    vhack.ops backend).
     """
 
     def __init__(
@@ -142,6 +188,8 @@ class Projector:
         k: int | None = None,
         preserve_magnitude: bool = False,
         on_nonfinite: str = "raise",
+        strict: bool = True,
+        partial: bool = False,
         orthonormal_tol: float = ORTHONORMAL_TOL,
         backend: str | None = None,
     ) -> None:
@@ -157,6 +205,11 @@ class Projector:
             raise TypeError(f"alpha must be a Python number, got {type(alpha).__name__}")
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
             raise ValueError(f"k must be None or an int >= 0, got {k!r}")
+        hack_basis, declared = _convert(basis)
+        self.unprojected = _check_coverage(
+            adapter, hack_basis, declared, strict=strict, partial=partial
+        )
+        hack_basis = _checked_rows(hack_basis, k, orthonormal_tol)
         self.adapter = adapter
         self.mode = mode
         self.alpha = float(alpha)
@@ -165,13 +218,11 @@ class Projector:
         self.on_nonfinite = on_nonfinite
         self.backend = backend
         self.names = adapter.names
-        blocks = _basis_blocks(adapter, basis, k, orthonormal_tol)
-        self.ks = [0 if b is None else b.shape[0] for b in blocks]
-        self._packed: dict[torch.device, tuple[torch.Tensor, ...]] = {}
-        basis_flat, basis_offsets, ks = pack_blocks(
-            blocks, adapter.ranks, dtype=torch.float32, device=adapter.delta.device
-        )
-        self._packed[adapter.delta.device] = (basis_flat, basis_offsets, ks, ks > 0)
+        packed = hack_basis.packed(adapter, device=adapter.delta.device)
+        self.ks = packed.ks.tolist()
+        self._packed: dict[torch.device, tuple[torch.Tensor, ...]] = {
+            adapter.delta.device: (*packed, packed.ks > 0)
+        }
         self._hooks: list = []
         self._snapshot: torch.Tensor | None = None
         self._work: torch.Tensor | None = None
@@ -180,9 +231,7 @@ class Projector:
         ops.project_(  # check the packed layout once, here, not in the first training step
             torch.zeros(adapter.delta.numel(), device=adapter.delta.device),
             adapter.offsets,
-            basis_flat,
-            basis_offsets,
-            ks,
+            *packed,
             "measure",
             backend=backend,
         )
@@ -234,10 +283,10 @@ class Projector:
                     "adapter.delta.grad is None: call project_() after loss.backward() and before "
                     "optimizer.step() (or use attach(optimizer))"
                 )
-            return self._finish(self._project_packed(delta.grad, mode, negate=False))
+            return self._finish(self._project_checked(delta.grad, mode, negate=False))
         if isinstance(target, Mapping):
             packed, write_back = self._pack_dict(target)
-            stats = self._project_packed(packed, mode, negate=self.where == "update")
+            stats = self._project_checked(packed, mode, negate=self.where == "update")
             if mode != "measure":
                 write_back(packed)
             return self._finish(stats)
@@ -251,7 +300,7 @@ class Projector:
                 raise ValueError(
                     f"target is on {target.device} but the adapter (and basis) on {delta.device}"
                 )
-            stats = self._project_packed(target, mode, negate=self.where == "update")
+            stats = self._project_checked(target, mode, negate=self.where == "update")
             return self._finish(stats)
         raise TypeError(
             "target must be None, a packed tensor [R_total] or a dict {module name: tensor [r]}, "
@@ -280,19 +329,38 @@ class Projector:
                     grad.neg_()
         return ProjStats(self.names, raw, projected, one_sided=self.mode == "hackward")
 
+    def _project_checked(self, grad: torch.Tensor, mode: str, negate: bool) -> ProjStats:
+        """_project_packed under the on_nonfinite="raise" contract: a non-finite target is not
+        projected at all (one synchronisation, before any write) and raises."""
+        if self.on_nonfinite == "raise" and mode != "measure" and not bool(grad.isfinite().all()):
+            stats = self._project_packed(grad, "measure", negate)
+            self.last_stats = stats
+            what = "update" if self.where == "update" else "gradient"
+            state = (
+                "adapter.delta was restored to its value before the optimizer step"
+                if self.where == "update" and grad is self._work
+                else f"the {what} is unchanged"
+            )
+            raise RuntimeError(
+                f"non-finite dS {what} in {_shorten(stats.nonfinite) or 'some module'}: nothing "
+                f"was projected and {state} (on_nonfinite='raise'; 'warn' projects the finite "
+                "modules and leaves these as they are)"
+            )
+        return self._project_packed(grad, mode, negate)
+
     def _finish(self, stats: ProjStats) -> ProjStats:
         self.last_stats = stats
-        if self.on_nonfinite != "ignore" and not stats.all_finite():  # one synchronisation
+        if self.on_nonfinite == "warn" and not stats.all_finite():  # one synchronisation
             bad = stats.nonfinite
             if bad:
-                message = (
-                    f"non-finite dS {'update' if self.where == 'update' else 'gradient'} in "
-                    f"{len(bad)} module(s): {_shorten(bad)}; they were left unprojected "
-                    "(the other modules were projected)"
+                what = "update" if self.where == "update" else "gradient"
+                kept = "keep their pre-step values" if self.where == "update" else "are unchanged"
+                warnings.warn(
+                    f"non-finite dS {what} in {len(bad)} module(s): {_shorten(bad)}; they {kept} "
+                    "(the other modules were projected)",
+                    RuntimeWarning,
+                    stacklevel=3,
                 )
-                if self.on_nonfinite == "raise":
-                    raise RuntimeError(message)
-                warnings.warn(message, RuntimeWarning, stacklevel=3)
         return stats
 
     # ---- update mode -----------------------------------------------------------------------------
@@ -318,7 +386,12 @@ class Projector:
         snap, work = self._snapshot, self._work
         with torch.no_grad():
             torch.sub(snap, delta, out=work)  # u = -Delta
-            stats = self._project_packed(work, mode, negate=False)
+            try:
+                stats = self._project_checked(work, mode, negate=False)
+            except RuntimeError:
+                delta.data.copy_(snap)  # all-or-nothing: undo the step (see on_nonfinite)
+                self._armed = False
+                raise
             if mode != "measure":
                 self._armed = False
                 torch.sub(snap, work, out=delta.data)
@@ -443,69 +516,128 @@ def _shorten(names: list[str], n: int = 8) -> str:
     return shown + (f", ... ({len(names) - n} more)" if len(names) > n else "")
 
 
-def _basis_rows(basis) -> tuple[list[str], object]:
-    """(names, V getter) of a dict basis or a duck-typed HackBasis."""
+def as_hack_basis(basis) -> HackBasis:
+    """A HackBasis from a HackBasis (itself), a dict {name: V [k, r]} (research-code style; a
+    raw file's "_sv/{name}" singular values are used when present, else sv is NaN: unknown), or
+    an object with `.names` and `.V(name)`. Blocks with no rows are dropped (not projected)."""
+    return _convert(basis)[0]
+
+
+def _convert(basis) -> tuple[HackBasis, list[str]]:
+    """(as_hack_basis(basis), the module names the basis declares, empty blocks included)."""
+    if isinstance(basis, HackBasis):
+        return basis, basis.names
     if isinstance(basis, Mapping):
-        # A raw research-code file also holds "_sv/{name}" singular values: not basis blocks.
-        names = [n for n in basis if not str(n).startswith("_sv/")]
-        return names, basis.__getitem__
-    if hasattr(basis, "names") and callable(getattr(basis, "V", None)):
-        return list(basis.names), basis.V
-    raise TypeError(
-        "basis must be a dict {module name: V [k, r]} or an object with .names and .V(name) "
-        f"(vhack.HackBasis), got {type(basis).__name__}"
-    )
-
-
-def _basis_blocks(adapter: Adapter, basis, k: int | None, tol: float) -> list[torch.Tensor | None]:
-    """Per adapter module (in packed order), its checked V [k_m, r_m] float64 or None."""
-    names, get = _basis_rows(basis)
-    if not names:
-        raise ValueError("the basis holds no modules")
-    unknown = [n for n in names if n not in adapter.modules]
-    if unknown:
-        raise ValueError(
-            f"the basis has {len(unknown)} module(s) the adapter does not wrap (built for another "
-            f"model or other targets?): {_shorten(unknown)}"
+        names = [n for n in basis if not str(n).startswith(SV_PREFIX)]
+        get, get_sv = basis.__getitem__, lambda n: basis.get(SV_PREFIX + n)
+    elif hasattr(basis, "names") and callable(getattr(basis, "V", None)):
+        names, get = list(basis.names), basis.V
+        sv_of = getattr(basis, "sv", None)
+        get_sv = sv_of if callable(sv_of) else (lambda n: None)
+    else:
+        raise TypeError(
+            "basis must be a vhack.HackBasis, a dict {module name: V [k, r]} or an object with "
+            f".names and .V(name), got {type(basis).__name__}"
         )
-    blocks: dict[str, torch.Tensor] = {}
-    wrong_shape, too_few, nonfinite, not_orthonormal = {}, {}, [], {}
+    V, sv = {}, {}
     for name in names:
-        V = get(name)
-        r = adapter.modules[name].rank
-        if not isinstance(V, torch.Tensor) or V.dim() != 2 or V.shape[1] != r:
-            wrong_shape[name] = (tuple(getattr(V, "shape", ())), f"[k, {r}]")
-            continue
-        if not V.is_floating_point():
-            raise TypeError(f"basis block {name!r} has dtype {V.dtype}; expected a float tensor")
-        if k is not None and V.shape[0] < k:
-            too_few[name] = V.shape[0]
-            continue
-        V = V[:k].detach().to(device="cpu", dtype=torch.float64)
-        if not torch.isfinite(V).all():
-            nonfinite.append(name)
-            continue
-        gram = V @ V.T
-        unit = (gram.diagonal() != 0).to(torch.float64)  # all-zero rows are legal
-        err = (gram - torch.diag(unit)).abs().max().item() if V.shape[0] else 0.0
-        if err > tol:
-            not_orthonormal[name] = err
-            continue
-        blocks[name] = V
-    if wrong_shape:
-        raise ValueError(
-            "basis shapes do not match the adapter (built for another model?): "
-            + ", ".join(
-                f"{n}: got {s}, expected {e}" for n, (s, e) in list(wrong_shape.items())[:8]
+        block = get(name)
+        if not isinstance(block, torch.Tensor) or block.dim() != 2:
+            raise ValueError(
+                f"basis block {name!r} must be a tensor [k, r], got "
+                f"{tuple(block.shape) if isinstance(block, torch.Tensor) else type(block).__name__}"
             )
-            + (f", ... ({len(wrong_shape) - 8} more)" if len(wrong_shape) > 8 else "")
+        if not block.is_floating_point():
+            raise TypeError(
+                f"basis block {name!r} has dtype {block.dtype}; expected a float tensor"
+            )
+        if block.shape[0] == 0:
+            continue
+        s = get_sv(name)
+        V[name] = block
+        sv[name] = s if s is not None else torch.full((block.shape[0],), float("nan"))
+    if not V:
+        raise ValueError("the basis holds no modules with basis rows")
+    return HackBasis(V, sv, getattr(basis, "metadata", None)), names
+
+
+def _check_coverage(
+    adapter: Adapter, basis: HackBasis, declared: list[str], *, strict: bool, partial: bool
+) -> list[str]:
+    """Refuse a basis of another model (names, shapes, fingerprint) and, unless partial, one that
+    does not cover every wrapped module; return the wrapped modules it does not cover. declared:
+    the names the basis was given with (a dict's empty [0, r] blocks cover their module with no
+    axes)."""
+    rank_of = dict(zip(adapter.names, adapter.ranks, strict=True))
+    foreign = [n for n in declared if n not in rank_of]
+    if foreign:
+        raise ValueError(
+            f"basis: module names mismatch: {len(foreign)} basis module(s) are not wrapped in "
+            f"this model ({_shorten(foreign)}); it was built for another model or other targets"
         )
+    check_compatible(basis, rank_of, where="basis")
+    stored = basis.metadata.get("fingerprint")
+    source_names = list(declared)
+    if stored:
+        fingerprint = json.loads(stored)
+        source_names = list(fingerprint.get("spectrum", {})) or source_names
+        foreign = [n for n in source_names if n not in rank_of]
+        problems = (
+            [f"it was extracted from modules this model does not wrap: {_shorten(foreign)}"]
+            if foreign
+            else fingerprint_mismatches(fingerprint, adapter, source_names)
+        )
+        if problems:
+            message = (
+                "the basis was extracted from another model "
+                f"({basis.metadata.get('model', 'unknown')!r}) than this adapter's: "
+                + "; ".join(problems[:5])
+                + (" ..." if len(problems) > 5 else "")
+            )
+            if strict:
+                raise ValueError(message + ". Pass strict=False to use it anyway.")
+            warnings.warn(message + " (used anyway: strict=False)", stacklevel=3)
+    covered = set(source_names)
+    uncovered = [n for n in adapter.names if n not in covered]
+    if uncovered and not partial:
+        raise ValueError(
+            f"the basis covers {len(adapter.names) - len(uncovered)} of the {len(adapter.names)} "
+            f"wrapped modules; not covered: {_shorten(uncovered)}. It was made for other targets "
+            "or another model: extract one for this adapter, or pass partial=True to project "
+            "only the covered modules"
+        )
+    if uncovered:
+        warnings.warn(
+            f"partial basis: {len(uncovered)} wrapped module(s) are not projected: "
+            f"{_shorten(uncovered)}",
+            stacklevel=3,
+        )
+    return uncovered
+
+
+def _checked_rows(basis: HackBasis, k: int | None, tol: float) -> HackBasis:
+    """The first k rows of every module (all rows for k None), checked: finite and orthonormal
+    (all-zero rows are legal: extraction zeroes weak axes with tau_axis)."""
+    too_few = {n: basis.k(n) for n in basis.names if k is not None and basis.k(n) < k}
     if too_few:
         raise ValueError(
             f"k = {k} is larger than the rows stored for {len(too_few)} module(s): "
             f"{_shorten([f'{n} ({m} rows)' for n, m in too_few.items()])}; use k <= "
             f"{min(too_few.values())} or re-extract with a larger top_k"
         )
+    if k == 0:
+        raise ValueError("k = 0 projects nothing; use mode='measure' to only measure")
+    nonfinite, not_orthonormal = [], {}
+    for name in basis.names:
+        V = basis.V(name)[:k].detach().to(device="cpu", dtype=torch.float64)
+        if not torch.isfinite(V).all():
+            nonfinite.append(name)
+            continue
+        gram = V @ V.T
+        unit = (gram.diagonal() != 0).to(torch.float64)  # all-zero rows are legal
+        err = (gram - torch.diag(unit)).abs().max().item()
+        if err > tol:
+            not_orthonormal[name] = err
     if nonfinite:
         raise ValueError(f"basis blocks with NaN/inf values: {_shorten(nonfinite)}")
     if not_orthonormal:
@@ -516,4 +648,4 @@ def _basis_blocks(adapter: Adapter, basis, k: int | None, tol: float) -> list[to
             f"{worst:.2e}); orthonormalise them (torch.linalg.qr(V.T).Q.T keeps the span) or "
             "pass a larger orthonormal_tol"
         )
-    return [blocks.get(name) for name in adapter.names]
+    return basis if k is None else basis.sliced(k)
