@@ -464,9 +464,10 @@ def _read_basis(spec: str):
         raise UsageError(f"--basis {spec}: {err}") from None
 
 
-def _basis_pairs(args: argparse.Namespace, stored):
-    """The pairs to validate a stored basis on: --pairs if given (a loud warning when they are
-    not the basis's own), else the basis's own pair set, found from its metadata."""
+def _basis_pairs(args: argparse.Namespace, stored) -> tuple[list, str | None]:
+    """(pairs, note) to validate a stored basis on: --pairs if given (a loud warning when they
+    are not the basis's own), else the basis's own pair set, found from its metadata (the note
+    says which)."""
     from vhack.pairs import BUILTIN_PAIRSETS, pairset_hash, resolve_pairs
 
     want = stored.metadata["pairset_hash"]
@@ -481,7 +482,7 @@ def _basis_pairs(args: argparse.Namespace, stored):
                 "the basis's training pairs or on unrelated ones. Drop --pairs to use the "
                 "basis's own.",
             )
-        return pairs
+        return pairs, None
     candidates = [origin] if origin else []
     candidates += [name for name in sorted(BUILTIN_PAIRSETS) if name != origin]
     for spec in candidates:
@@ -490,8 +491,7 @@ def _basis_pairs(args: argparse.Namespace, stored):
         except (OSError, ValueError, TypeError):
             continue
         if pairset_hash(pairs) == want:
-            args.pairs_note = f"pairs: {spec} (the pair set the basis was extracted from)"
-            return pairs
+            return pairs, f"pairs: {spec} (the pair set the basis was extracted from)"
     where = f" (recorded as {origin}, now missing or changed)" if origin else ""
     raise UsageError(
         f"--basis {args.basis}: its pair set{where} is not found (pair-set hash {want}, neither "
@@ -539,7 +539,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     _check_writable(args.out_dir, "--out-dir", directory=True)
     device = _device(args.device)
-    stored = None
+    stored, note = None, None
     if args.basis is not None:
         stored = _read_basis(args.basis)
         for flag, value in (("--top-k", args.top_k), ("--tau-axis", args.tau_axis)):
@@ -548,7 +548,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                     f"{flag} sets how validate extracts a basis itself; with --basis the file's "
                     f"own axes are tested: drop {flag}"
                 )
-        pairs = _basis_pairs(args, stored)
+        pairs, note = _basis_pairs(args, stored)
         n_heldout = int(stored.metadata["n_heldout"])
         if args.n_heldout is not None and args.n_heldout != n_heldout:
             _warn(
@@ -582,8 +582,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as err:
             raise UsageError(f"--samples {args.samples}: {err}") from None
 
-    if getattr(args, "pairs_note", None):
-        print(args.pairs_note)
+    if note:
+        print(note)
     _, tok, adapter = _wrapped(args, device)
     basis = _load_basis(args, stored, adapter) if stored is not None else None
     report = validate(
