@@ -235,8 +235,8 @@ def test_load_samples(tmp_path):
 
 def test_cli_validate_with_a_basis_file_and_samples(tmp_path, capsys):
     basis_path = tmp_path / "b.safetensors"
-    common = ["--pairs", "toy", "--top-k", "6", "--device", "cpu", "--quiet"]
-    assert cli.main(["extract", *common, "--out", str(basis_path)]) == 0
+    common = ["--pairs", "toy", "--device", "cpu", "--quiet"]
+    assert cli.main(["extract", *common, "--top-k", "6", "--out", str(basis_path)]) == 0
     samples = tmp_path / "samples.jsonl"
     lines = [
         {"prompt": p.prompt, "completion": c, "label": label}

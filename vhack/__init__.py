@@ -4,7 +4,8 @@ Wrap a model's Linears in their SVD basis (`wrap`), extract a hack basis from co
 and project the hack-ward part out of the dS gradient at every optimizer step. See README.md.
 """
 
-from vhack import errors, lm, models, ops, reference, validate
+# _source_tree comes first: in a source checkout it maps kernels/ to vhack.kernels (see there).
+from vhack import _source_tree, errors, lm, models, ops, reference, validate  # noqa: F401
 from vhack._version import __version__
 from vhack.adapter import DEFAULT_TARGETS, Adapter, SegmentGrads, SVDLinear, wrap
 from vhack.basis import HackBasis

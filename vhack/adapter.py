@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from vhack import ops
 from vhack.cache import cache_dir as resolve_cache_dir
+from vhack.cache import svd_cache_enabled
 from vhack.ops.svd_linear import check_segment_range
 
 __all__ = ["DEFAULT_TARGETS", "Adapter", "SVDLinear", "SegmentGrads", "wrap"]
@@ -523,7 +524,8 @@ def wrap(
     head; or a list of full module names / name suffixes (each must match). Every other parameter
     is frozen (unwrap() restores them). SVDs run in float32 on the weight's device and are cached
     on disk by a content hash of the weight (cache_dir, default `vhack.cache.cache_dir()`; set
-    use_cache=False to skip). Nothing in the model changes unless wrapping succeeds.
+    use_cache=False, or VHACK_SVD_CACHE=0 in the environment, to skip it). Nothing in the model
+    changes unless wrapping succeeds.
     Returns the `Adapter` handle.
     """
     if not isinstance(model, nn.Module):
@@ -547,7 +549,7 @@ def wrap(
         )
 
     cache = None
-    if use_cache:
+    if use_cache and svd_cache_enabled():
         cache = resolve_cache_dir(cache_dir) / "svd"
         cache.mkdir(parents=True, exist_ok=True)
     factors = [

@@ -471,6 +471,16 @@ def check_extract_args(pairs, top_k, tau_axis, n_heldout) -> None:
             f"got {len(pairs)} pairs but need at least n_heldout + 2 = {n_heldout + 2}: two or "
             "more training pairs besides the held-out ones (a dozen is usual)"
         )
+    first_of: dict[str, int] = {}
+    for i, pair in enumerate(pairs):
+        key = json.dumps([pair.to_json()["prompt"], pair.hack, pair.clean], sort_keys=True)
+        if key in first_of:
+            raise ValueError(
+                f"pairs {first_of[key]} and {i} are identical (same prompt, hack and clean): a "
+                "duplicate counts twice in the basis, and a held-out copy of a training pair "
+                "makes the held-out tests in-sample; remove it"
+            )
+        first_of[key] = i
 
 
 def extract(
