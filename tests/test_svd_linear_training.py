@@ -10,11 +10,10 @@ moves up to 4e-2) dS agrees to 1e-4 absolute (measured ~2e-6).
 """
 
 import copy
-import os
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import DEVICE, assert_close
 from vhack.kernels import svd_linear as K
 
 import vhack
@@ -22,8 +21,6 @@ from vhack import ops
 
 pytestmark = pytest.mark.interpreter
 
-# VHACK_TEST_CUDA=1 (see conftest.py) runs the compiled kernels on a GPU instead of the interpreter.
-DEVICE = "cuda" if os.environ.get("VHACK_TEST_CUDA") == "1" else "cpu"
 IDS = torch.tensor(
     [[5, 100, 33, 7, 250, 12, 99, 1], [3, 3, 64, 200, 18, 77, 2, 256]], device=DEVICE
 )
