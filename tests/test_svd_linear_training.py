@@ -101,7 +101,7 @@ def test_segment_grads_rejects_out_of_range_ids_once(tiny):
     adapter = vhack.wrap(model, progress=False)
     with (
         pytest.raises(ValueError, match=r"must lie in \[0, n_segments=2\)"),
-        adapter.segment_grads(torch.tensor([0, 1, 2]), n_segments=2),
+        adapter.segment_grads(torch.tensor([0, 1, 2], device=DEVICE), n_segments=2),
     ):
         pass
     assert adapter._store.capture is None
