@@ -72,10 +72,24 @@ _NO_SCALE, _SCALE_K, _SCALE_N = 0, 1, 2
 # ----------------------------------------------------------------------------------------------
 
 
+# Offsets. A tile's base address (its first row and column: row0 x row stride + col0 x column
+# stride) is computed in int64: it can exceed 2^31 elements (a [T, d] activation with T d > 2^31).
+# Offsets inside a tile are int32: up to BLOCK rows times a stride along one axis, and along the
+# reduction axis up to (K + BLOCK_K) times its stride (the K loop indexes from the tile base; the
+# masked lanes of the last step still form addresses). The launch functions check that each axis
+# stays below 2^30 (_check_int32_offsets), so the sum of two axes stays below 2^31; only a factor
+# of over ~10^9 elements, or a row stride over ~8 M, fails: far beyond any linear layer.
+# Measured with ptxas for sm_90 (tests/sm90_compile_check.py): int64 offsets everywhere kept the
+# 128x128 GEMM tiles at 255 registers with 20-96 B of spills; these have none. Offsets are formed
+# from k0 inside the loop: a loop-invariant [BLOCK, BLOCK] offset tensor added to a moving base
+# pointer gets hoisted and stays live in registers (the fp32 decode tile then spilled).
+
+
 @triton.jit
 def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's output tile of an [M, N] grid: (tile_m, offs_m, mask_m, offs_n, mask_n),
-    int64 offsets. Programs walk GROUP_M row tiles per column sweep (L2 reuse of B's columns)."""
+    """This program's output tile of an [M, N] grid: (tile_m, tile_n) and, per axis, the int64
+    start row/column and the int32 in-tile index with its mask: (tile_m, row0, rm, mask_m, col0,
+    rn, mask_n). Programs walk GROUP_M row tiles per column sweep (L2 reuse of B's columns)."""
     pid = tl.program_id(0)
     n_tiles_m = tl.cdiv(M, BLOCK_M)
     per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
@@ -83,9 +97,13 @@ def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.conste
     group_rows = tl.minimum(n_tiles_m - first_m, GROUP_M)
     tile_m = first_m + (pid % per_group) % group_rows
     tile_n = (pid % per_group) // group_rows
-    offs_m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return tile_m, offs_m, offs_m < M, offs_n, offs_n < N
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    mask_m = rm < M - tile_m * BLOCK_M
+    mask_n = rn < N - tile_n * BLOCK_N
+    row0 = tile_m.to(tl.int64) * BLOCK_M
+    col0 = tile_n.to(tl.int64) * BLOCK_N
+    return tile_m, row0, rm, mask_m, col0, rn, mask_n
 
 
 @triton.jit
@@ -97,9 +115,11 @@ def _accumulate_tile(
     b_ptr,
     stride_bk,
     stride_bn,
-    offs_m,
+    row0,
+    rm,
     mask_m,
-    offs_n,
+    col0,
+    rn,
     mask_n,
     K,
     s1_ptr,
@@ -110,26 +130,24 @@ def _accumulate_tile(
     PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """acc [BM, BN] += (A[offs_m, :] * s along K) @ B[:, offs_n] over K in BLOCK_K steps, where
-    A[m, k] = a_ptr[m * stride_am + k * stride_ak] and B[k, n] = b_ptr[k * stride_bk + n * stride_bn];
-    with SCALE_K, A's columns are scaled by s = s1 (+ s2) as they load."""
+    """acc [BM, BN] += (A[rows, :] * s along K) @ B[:, cols] over K in BLOCK_K steps, rows =
+    row0 + rm, cols = col0 + rn, where A[m, k] = a_ptr[m * stride_am + k * stride_ak] and
+    B[k, n] = b_ptr[k * stride_bk + n * stride_bn]; with SCALE_K, A's columns are scaled by
+    s = s1 (+ s2) as they load. int64 tile bases, int32 in-tile offsets (see above)."""
+    rk = tl.arange(0, BLOCK_K)
+    a_tile = a_ptr + row0 * stride_am
+    b_tile = b_ptr + col0 * stride_bn
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask_k = offs_k < K
-        a = tl.load(
-            a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
-        )
+        mask_k = rk < K - k0
+        ks = k0 + rk  # int32: (K + BLOCK_K) x stride_k < 2^30 (checked at launch)
+        a_offs = rm[:, None] * stride_am + ks[None, :] * stride_ak
+        b_offs = ks[:, None] * stride_bk + rn[None, :] * stride_bn
+        a = tl.load(a_tile + a_offs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_tile + b_offs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if SCALE_K:
-            s = tl.load(s1_ptr + offs_k, mask=mask_k, other=0.0)
+            s = tl.load(s1_ptr + k0 + rk, mask=mask_k, other=0.0)
             if SCALE_SUM:
-                s += tl.load(s2_ptr + offs_k, mask=mask_k, other=0.0)
+                s += tl.load(s2_ptr + k0 + rk, mask=mask_k, other=0.0)
             a = (a.to(tl.float32) * s[None, :]).to(a.dtype)
         if DOT_F32:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
@@ -166,26 +184,27 @@ def _svd_linear_matmul_kernel(
     GROUP_M: tl.constexpr,
 ):
     """C [M, N] (contiguous) = ((A * s along K) @ B) * (s along N) + bias + addend, fp32 accum."""
-    _, offs_m, mask_m, offs_n, mask_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    _, row0, rm, mask_m, col0, rn, mask_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _accumulate_tile(
-        acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, offs_m, mask_m, offs_n,
-        mask_n, K, s1_ptr, s2_ptr, SCALE == 1, SCALE_SUM, DOT_F32, PRECISION, BLOCK_K,
+        acc, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, row0, rm, mask_m, col0,
+        rn, mask_n, K, s1_ptr, s2_ptr, SCALE == 1, SCALE_SUM, DOT_F32, PRECISION, BLOCK_K,
     )  # fmt: skip
 
     if SCALE == 2:
-        s = tl.load(s1_ptr + offs_n, mask=mask_n, other=0.0)
+        s = tl.load(s1_ptr + col0 + rn, mask=mask_n, other=0.0)
         if SCALE_SUM:
-            s += tl.load(s2_ptr + offs_n, mask=mask_n, other=0.0)
+            s += tl.load(s2_ptr + col0 + rn, mask=mask_n, other=0.0)
         acc = acc * s[None, :]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    c_offs = offs_m[:, None] * N + offs_n[None, :]
+        acc += tl.load(bias_ptr + col0 + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    c_base = row0 * N + col0  # int64; the in-tile part below is int32
+    c_offs = rm[:, None] * N + rn[None, :]
     c_mask = mask_m[:, None] & mask_n[None, :]
     if HAS_ADD:
-        acc += tl.load(add_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
-    tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+        acc += tl.load(add_ptr + c_base + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(c_ptr + c_base + c_offs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
@@ -219,33 +238,33 @@ def _svd_linear_dS_kernel(
     PER_SEGMENT: out [n_segments, r] (zero-initialised) += each segment's sum (atomics).
     STORE_GH: also g_h [n_rows, r] = (gy U) * (S + dS), in g_h's dtype.
     """
-    tile_m, offs_m, mask_m, offs_r, mask_r = _tile(n_rows, r, BLOCK_M, BLOCK_R, GROUP_M)
+    tile_m, row0, rm, mask_m, col0, rr, mask_r = _tile(n_rows, r, BLOCK_M, BLOCK_R, GROUP_M)
 
     # z = x Vh^T and gu = gy U for this tile, both kept in registers. Vh [r, d_in] is read as
     # its transpose; U [d_out, r] as is.
     z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     z = _accumulate_tile(
-        z, x_ptr, d_in, 1, vh_ptr, 1, d_in, offs_m, mask_m, offs_r, mask_r, d_in,
+        z, x_ptr, d_in, 1, vh_ptr, 1, d_in, row0, rm, mask_m, col0, rr, mask_r, d_in,
         s_ptr, ds_ptr, False, False, DOT_F32, PRECISION, BLOCK_K,
     )  # fmt: skip
     gu = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     gu = _accumulate_tile(
-        gu, gy_ptr, d_out, 1, u_ptr, r, 1, offs_m, mask_m, offs_r, mask_r, d_out,
+        gu, gy_ptr, d_out, 1, u_ptr, r, 1, row0, rm, mask_m, col0, rr, mask_r, d_out,
         s_ptr, ds_ptr, False, False, DOT_F32, PRECISION, BLOCK_K,
     )  # fmt: skip
 
     if STORE_GH:
-        s = tl.load(s_ptr + offs_r, mask=mask_r, other=0.0)
-        s += tl.load(ds_ptr + offs_r, mask=mask_r, other=0.0)
+        s = tl.load(s_ptr + col0 + rr, mask=mask_r, other=0.0)
+        s += tl.load(ds_ptr + col0 + rr, mask=mask_r, other=0.0)
         tl.store(
-            gh_ptr + offs_m[:, None] * r + offs_r[None, :],
+            gh_ptr + (row0 * r + col0) + (rm[:, None] * r + rr[None, :]),
             (gu * s[None, :]).to(gh_ptr.dtype.element_ty),
             mask=mask_m[:, None] & mask_r[None, :],
         )
 
     prod = z * gu  # rows past n_rows are zero: their x and gy loads were masked to 0
     if PER_SEGMENT:
-        seg = tl.load(seg_ptr + offs_m, mask=mask_m, other=-1)
+        seg = tl.load(seg_ptr + row0 + rm, mask=mask_m, other=-1)
         valid = (seg >= 0) & (seg < n_segments)
         seg = tl.where(valid, seg, -1)
         first = tl.min(tl.where(valid, seg, n_segments), 0)
@@ -253,10 +272,11 @@ def _svd_linear_dS_kernel(
         # The id range this block touches: 1-2 segments for contiguous ids, empty if none valid.
         for seg_id in range(first, last + 1):
             part = tl.sum(tl.where((seg == seg_id)[:, None], prod, 0.0), 0)
-            tl.atomic_add(out_ptr + seg_id * r + offs_r, part, mask=mask_r, sem="relaxed")
+            out_row = out_ptr + (seg_id * r + col0)  # seg_id is int64 (the ids' dtype)
+            tl.atomic_add(out_row + rr, part, mask=mask_r, sem="relaxed")
     else:
         part = tl.sum(prod, 0)
-        tl.store(out_ptr + tile_m.to(tl.int64) * r + offs_r, part, mask=mask_r)
+        tl.store(out_ptr + (tile_m.to(tl.int64) * r + col0) + rr, part, mask=mask_r)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,6 +388,22 @@ def _intermediate_dtype(U: torch.Tensor) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 
 
+# Largest in-tile offset along one axis that the kernels address in int32 (see "Offsets"): two
+# axes add up to less than 2^31.
+_INT32_AXIS_LIMIT = 2**30
+
+
+def _check_int32_offsets(**extents: int) -> None:
+    """Raise ValueError unless every in-tile offset extent (largest index along one axis times
+    its stride) is below 2^30, so the kernels' int32 in-tile offsets cannot overflow."""
+    for name, extent in extents.items():
+        if extent >= _INT32_AXIS_LIMIT:
+            raise ValueError(
+                f"{name} spans {extent} elements within one tile, too many for the kernels' int32 "
+                f"in-tile offsets (limit 2^30); use backend='torch' for this shape"
+            )
+
+
 def _matmul(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -390,6 +426,11 @@ def _matmul(
     mode, s1, s2 = scale if scale is not None else (_NO_SCALE, None, None)
     dot_f32, precision = _dot_mode(a, b)
     cfg = _gemm_blocks(M, N, K, a.dtype, a.device)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    _check_int32_offsets(
+        a_rows=bm * abs(a.stride(0)), a_along_K=(K + bk) * abs(a.stride(1)),
+        b_along_K=(K + bk) * abs(b_strides[0]), b_columns=bn * abs(b_strides[1]), out_rows=bm * N,
+    )  # fmt: skip
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _svd_linear_matmul_kernel[grid](
         a,
@@ -439,6 +480,11 @@ def _launch_dS(
         return torch.zeros(shape, dtype=torch.float32, device=x.device)
     dot_f32, precision = _dot_mode(x, gy, U)
     cfg = _dS_blocks(n_rows, r, x.dtype, x.device)
+    bm, br, bk = cfg["BLOCK_M"], cfg["BLOCK_R"], cfg["BLOCK_K"]
+    _check_int32_offsets(
+        x_rows=bm * d_in, x_along_d_in=d_in + bk, Vh_columns=br * d_in, gy_rows=bm * d_out,
+        U_along_d_out=(d_out + bk) * r, g_h_rows=bm * r,
+    )  # fmt: skip
     n_row_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
     if per_segment:
         out = torch.zeros(n_segments, r, dtype=torch.float32, device=x.device)  # atomics add in

@@ -2,12 +2,16 @@
 before triton is imported, so it is set here, before anything imports vhack. Outputs that kernels
 allocate are NaN-poisoned (VHACK_POISON_OUTPUTS) so an unwritten element fails a comparison.
 
-Set VHACK_TEST_CUDA=1 on a GPU machine to run the compiled kernels instead of the interpreter.
+Set VHACK_TEST_CUDA=1 on a GPU machine to run the compiled kernels on CUDA tensors instead of the
+interpreter on CPU tensors: the one switch (tests take their device from helpers.DEVICE, which
+reads it too). Without a CUDA device that setting is refused, except for --collect-only.
 """
 
 import os
 
-if os.environ.get("VHACK_TEST_CUDA") != "1":
+from helpers import CUDA_TESTS  # imports torch, never triton: TRITON_INTERPRET is still settable
+
+if not CUDA_TESTS:
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ["VHACK_POISON_OUTPUTS"] = "1"
 
@@ -26,6 +30,14 @@ settings.register_profile("thorough", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_configure(config):
+    if CUDA_TESTS and not config.option.collectonly and not torch.cuda.is_available():
+        raise pytest.UsageError(
+            "VHACK_TEST_CUDA=1 runs the kernel tests on CUDA tensors, but torch sees no CUDA "
+            "device here; unset it to run them on CPU tensors in Triton's interpreter"
+        )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,12 +1,25 @@
-"""Compile every Triton kernel variant of vhack.kernels.svd_linear for an H100 (sm_90) without a
-GPU: the full Triton pipeline down to cubin, which the interpreter never exercises. Run by
-tests/test_svd_linear_kernels.py in a subprocess with TRITON_INTERPRET=0 (under the interpreter
-triton.jit returns interpreted functions). Prints one line per variant; exits non-zero on error."""
+"""Compile every Triton kernel variant of vhack.kernels (svd_linear and project) for an H100/H200
+(sm_90) without a GPU: the full Triton pipeline down to cubin, which the interpreter never
+exercises. Run by tests/test_svd_linear_kernels.py in a subprocess with TRITON_INTERPRET=0 (under
+the interpreter triton.jit returns interpreted functions).
+
+Prints one line per variant with its shared memory and, from `ptxas -v` run on the variant's PTX
+(the ptxas Triton ships, with the flags Triton uses), its registers per thread and spill bytes:
+CompiledKernel.n_regs / n_spills only exist once a driver has loaded the binary, i.e. on a GPU.
+Exits non-zero on a compile error. `--no-ptxas` skips the register report (faster)."""
+
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
+from vhack.kernels import project as P
 from vhack.kernels import svd_linear as K
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -23,7 +36,27 @@ def compile_kernel(fn, types: dict, const: dict, cfg: dict):
     return triton.compile(ASTSource(fn, signature, constexprs), target=TARGET, options=options)
 
 
-def main() -> None:
+def registers(kernel) -> str:
+    """'regs R, spill S/L B' of a compiled kernel, from ptxas -v on its PTX (sm_90a)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        cmd = [get_ptxas(90).path, "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(ptx),
+               "-o", str(Path(tmp) / "k.o")]  # fmt: skip
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or spill is None:
+        raise RuntimeError(f"unexpected ptxas -v output:\n{log}")
+    return f"regs {regs[1]}, spill {spill[1]}/{spill[2]} B"
+
+
+def report(what: str, kernel, ptxas: bool) -> None:
+    extra = f", {registers(kernel)}" if ptxas else ""
+    print(f"{what}: shared {kernel.metadata.shared} B{extra}", flush=True)
+
+
+def svd_linear_variants(ptxas: bool) -> None:
     for dtype, native, precision in [
         (torch.bfloat16, True, "ieee"),
         (torch.float32, False, "tf32"),  # "ieee" differs only in the dot's precision flag
@@ -39,7 +72,8 @@ def main() -> None:
                 const = dict(SCALE=scale, SCALE_SUM=scale_sum, HAS_BIAS=bias, HAS_ADD=add,
                              DOT_F32=not native, PRECISION=precision)  # fmt: skip
                 k = compile_kernel(K._svd_linear_matmul_kernel, types, const, cfg)
-                print(f"matmul {dtype} rows={n_rows} {const}: shared {k.metadata.shared} B")
+                tile = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
+                report(f"matmul {dtype} rows={n_rows} tile {tile} {const}", k, ptxas)
             cfg = K._dS_blocks(n_rows, 2560, dtype, CUDA)
             types = dict(x_ptr=t, gy_ptr=t, u_ptr=t, vh_ptr=t, s_ptr="*fp32", ds_ptr="*fp32",
                          seg_ptr="*i64", out_ptr="*fp32", gh_ptr=t, n_rows="i32", d_in="i32",
@@ -48,7 +82,32 @@ def main() -> None:
                 const = dict(PER_SEGMENT=per_segment, STORE_GH=store_gh, DOT_F32=not native,
                              PRECISION=precision)  # fmt: skip
                 k = compile_kernel(K._svd_linear_dS_kernel, types, const, cfg)
-                print(f"dS {dtype} rows={n_rows} {const}: shared {k.metadata.shared} B")
+                tile = f"{cfg['BLOCK_M']}x{cfg['BLOCK_R']}x{cfg['BLOCK_K']}"
+                report(f"dS {dtype} rows={n_rows} tile {tile} {const}", k, ptxas)
+
+
+def project_variants(ptxas: bool) -> None:
+    """The fused projection: every mode (preserve_magnitude where it applies), the k = 12 and
+    k = 5 tiles, float32 and bfloat16 gradients (the basis is float32)."""
+    for grad_type in ("fp32", "bf16"):
+        types = dict(grad_ptr="*" + grad_type, offsets_ptr="*i64", basis_ptr="*fp32",
+                     basis_offsets_ptr="*i64", ks_ptr="*i64", order_ptr="*i64",
+                     stats_ptr="*fp32", alpha="fp32")  # fmt: skip
+        for k_max in (12, 5):
+            k_pad, block_r, num_warps = P.block_sizes(k_max)
+            cfg = dict(BLOCK_R=block_r, num_warps=num_warps, num_stages=3)
+            for mode, code in P.MODES.items():
+                for preserve in (False, True) if mode != "measure" else (False,):
+                    const = dict(MODE=code, PRESERVE=preserve, K_PAD=k_pad)
+                    k = compile_kernel(P._project_fused_kernel, types, const, cfg)
+                    what = f"project grad {grad_type} k_max={k_max} tile {k_pad}x{block_r}"
+                    report(f"{what} mode={mode} preserve={preserve}", k, ptxas)
+
+
+def main() -> None:
+    ptxas = "--no-ptxas" not in sys.argv[1:]
+    svd_linear_variants(ptxas)
+    project_variants(ptxas)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import TOLERANCES, assert_close, random_orthonormal_rows, record_launches
+from helpers import DEVICE, TOLERANCES, assert_close, random_orthonormal_rows, record_launches
 from torch import nn
 
 import vhack
@@ -49,6 +49,7 @@ def make_basis(adapter, ks=None, seed=0, skip=("gate_proj",)):
 def reference_projection(adapter, basis, grad, mode="hackward", alpha=1.0, preserve=False):
     blocks = [basis[n].double() if n in basis and len(basis[n]) else None for n in adapter.names]
     flat, boff, ks = vhack.packing.pack_blocks(blocks, adapter.ranks, dtype=F64)
+    flat, boff, ks = (t.to(grad.device) for t in (flat, boff, ks))
     out = grad.double().clone()
     stats = reference.project_(out, adapter.offsets, flat, boff, ks, mode, alpha, preserve)
     return out, stats
@@ -347,6 +348,78 @@ def test_update_rule_sign(adapter):
         proj.project_()
 
 
+def _hack_promoting_fraction(adapter, basis, change):
+    """|relu(-V Delta)| / |Delta| of a parameter change, summed over the basis modules."""
+    num, den = 0.0, 0.0
+    for m, name in enumerate(adapter.names):
+        lo, hi = int(adapter.offsets[m]), int(adapter.offsets[m + 1])
+        d = change[lo:hi].double().cpu()
+        if name in basis:
+            num += float(torch.relu(-(basis[name].double() @ d)).square().sum())
+        den += float(d.square().sum())
+    return (num / den) ** 0.5
+
+
+def test_attach_update_mode_removes_the_hack_promoting_side_of_each_step(adapter):
+    """where="update" through attach() (fast; the slow test below shows it on a real model): with
+    SGD the step is -lr g, so a gradient along +v makes an update along -v (hack-promoting), which
+    the post-step hook removes exactly; the next step, along +v, is kept whole. Other coordinates
+    and modules move as SGD moved them."""
+    v = torch.zeros(1, 8)
+    v[0, 0] = 1.0
+    w = torch.zeros(1, 5)
+    w[0, 2] = -1.0  # k_proj: its "hack" direction is -e_2
+    basis = {"q_proj": v, "k_proj": w}
+    opt = torch.optim.SGD([adapter.delta], lr=0.5)
+    proj = vhack.Projector(adapter, basis, where="update").attach(opt)
+    n, q, k = adapter.delta.numel(), 0, int(adapter.offsets[1])
+    grad = torch.zeros(n)
+    grad[q : q + 3] = torch.tensor([0.6, -0.8, 0.2])  # SGD: Delta_q = (-0.3, 0.4, -0.1)
+    grad[k + 2], grad[k + 3] = -0.4, 0.2  # SGD: Delta_k[2] = 0.2 along -w: hack-promoting
+    grad[-1] = 1.0  # gate_proj (no basis): -0.5, untouched
+    start = adapter.delta.detach().clone()
+    adapter.delta.grad = grad.clone()
+    opt.step()
+    expected = start - 0.5 * grad
+    expected[q] = start[q]  # the -v part of the update removed ...
+    expected[k + 2] = start[k + 2]  # ... and the -w part of k_proj's
+    assert_close(adapter.delta.detach(), expected, rtol=0, atol=1e-7, name="after step 1")
+    assert proj.last_stats.cin[0] == pytest.approx(0.3 / (0.3**2 + 0.4**2 + 0.1**2) ** 0.5)
+    assert proj.last_stats.cin[1] == pytest.approx(0.2 / (0.2**2 + 0.1**2) ** 0.5)
+
+    start = adapter.delta.detach().clone()
+    adapter.delta.grad = -grad  # now every update is along +v / +w: hack-averse, kept
+    opt.step()
+    assert_close(adapter.delta.detach(), start + 0.5 * grad, rtol=0, atol=1e-7, name="step 2")
+    assert proj.last_stats.cin[:2].eq(0).all()
+
+
+def test_attach_grad_vs_update_mode_under_adam(adapter):
+    """Adam's first step is -lr g'/|g'| per coordinate: with v = (1, 2)/sqrt(5) and g = e_2, the
+    projected gradient g' = (-0.4, 0.2) is hack-free, yet its Adam step (lr, -lr) points along -v.
+    Grad mode leaks it (fraction 1/sqrt(10)). Update mode lets Adam step on g itself, (0, -lr),
+    and removes that step's -v part: (0.4, -0.2) lr, orthogonal to v."""
+    v = torch.zeros(1, 8)
+    v[0, :2] = torch.tensor([1.0, 2.0]) / 5**0.5
+    basis = {"q_proj": v}
+    lr, changes = 0.01, {}
+    for where in ("grad", "update"):
+        with torch.no_grad():
+            adapter.delta.zero_()
+        opt = torch.optim.Adam([adapter.delta], lr=lr)
+        proj = vhack.Projector(adapter, basis, where=where).attach(opt)
+        adapter.delta.grad = torch.zeros(adapter.delta.numel())
+        adapter.delta.grad[1] = 1.0
+        opt.step()
+        proj.detach()
+        changes[where] = adapter.delta.detach().clone()
+    assert _hack_promoting_fraction(adapter, basis, changes["grad"]) > 0.3
+    assert _hack_promoting_fraction(adapter, basis, changes["update"]) < 1e-6
+    expected = torch.zeros_like(changes["update"])
+    expected[:2] = torch.tensor([0.4, -0.2]) * lr
+    assert_close(changes["update"], expected, rtol=1e-5, atol=1e-9, name="update-mode step")
+
+
 def _sequence_grads_basis(adapter, model, ids, k):
     """Per-module basis from paired differences of per-sequence gradients (hack = first half)."""
     n = ids.shape[0]
@@ -493,12 +566,14 @@ def test_partial_basis_needs_opt_in_and_is_reported(adapter):
 
 
 @pytest.mark.interpreter
-def test_projector_is_one_triton_launch(adapter, monkeypatch):
+def test_projector_is_one_triton_launch(monkeypatch):
     from vhack.kernels import project as kernels
 
     launches = record_launches(monkeypatch, kernels, "_project_fused_kernel")
+    adapter = vhack.wrap(Toy().to(DEVICE), use_cache=False, progress=False)
     basis = make_basis(adapter)
     grad = torch.randn(adapter.delta.numel(), generator=torch.Generator().manual_seed(9))
+    grad = grad.to(DEVICE)
     adapter.delta.grad = grad.clone()
     proj = vhack.Projector(adapter, basis, backend="triton")
     launches.clear()

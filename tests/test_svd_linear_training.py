@@ -10,11 +10,10 @@ moves up to 4e-2) dS agrees to 1e-4 absolute (measured ~2e-6).
 """
 
 import copy
-import os
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import DEVICE, assert_close
 from vhack.kernels import svd_linear as K
 
 import vhack
@@ -22,11 +21,12 @@ from vhack import ops
 
 pytestmark = pytest.mark.interpreter
 
-# VHACK_TEST_CUDA=1 (see conftest.py) runs the compiled kernels on a GPU instead of the interpreter.
-DEVICE = "cuda" if os.environ.get("VHACK_TEST_CUDA") == "1" else "cpu"
-IDS = torch.tensor(
-    [[5, 100, 33, 7, 250, 12, 99, 1], [3, 3, 64, 200, 18, 77, 2, 256]], device=DEVICE
-)
+# token ids, moved to DEVICE where used (a CUDA tensor at import would break --collect-only)
+TOKENS = [[5, 100, 33, 7, 250, 12, 99, 1], [3, 3, 64, 200, 18, 77, 2, 256]]
+
+
+def _ids() -> torch.Tensor:
+    return torch.tensor(TOKENS, device=DEVICE)
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def _train(model, backend, steps=4):
     with ops.use_backend(backend):
         for _ in range(steps):
             opt.zero_grad()
-            loss = model(input_ids=IDS, labels=IDS).loss
+            loss = model(input_ids=_ids(), labels=_ids()).loss
             loss.backward()
             opt.step()
             losses.append(loss.item())
@@ -85,7 +85,7 @@ def test_segment_grads_through_triton_sum_to_batch_and_match_reference(tiny, ker
     for backend in ("triton", "torch"):  # same dense forward: only the dS kernels differ
         adapter.delta.grad = None
         with ops.use_backend(backend), adapter.segment_grads(seg, n_segments=4) as cap:
-            model(input_ids=IDS, labels=IDS).loss.backward()
+            model(input_ids=_ids(), labels=_ids()).loss.backward()
         packed[backend] = cap.packed
         if backend == "triton":
             # per module ONE per-segment dS kernel; the batch gradient is its sum over segments
@@ -101,7 +101,7 @@ def test_segment_grads_rejects_out_of_range_ids_once(tiny):
     adapter = vhack.wrap(model, progress=False)
     with (
         pytest.raises(ValueError, match=r"must lie in \[0, n_segments=2\)"),
-        adapter.segment_grads(torch.tensor([0, 1, 2]), n_segments=2),
+        adapter.segment_grads(torch.tensor([0, 1, 2], device=DEVICE), n_segments=2),
     ):
         pass
     assert adapter._store.capture is None
@@ -113,14 +113,14 @@ def test_merged_runs_merge_kernel_and_remerges_only_on_change(tiny, kernel_calls
     with torch.no_grad():
         adapter.delta.copy_(0.05 * torch.randn(adapter.delta.shape, generator=torch.Generator()))
     with ops.use_backend("triton"), adapter.merged(), torch.no_grad():
-        merged = model(input_ids=IDS).logits
-        model(input_ids=IDS)
+        merged = model(input_ids=_ids()).logits
+        model(input_ids=_ids())
     assert kernel_calls["merge_weight"] == len(adapter)  # once per module, then cached
     with ops.use_backend("reference"), torch.no_grad():
-        factored = model(input_ids=IDS).logits
+        factored = model(input_ids=_ids()).logits
     assert_close(merged, factored, rtol=1e-4, atol=1e-4, name="merged vs factored")
     with torch.no_grad():
         adapter.delta.mul_(0.5)
     with ops.use_backend("triton"), adapter.merged(), torch.no_grad():
-        model(input_ids=IDS)
+        model(input_ids=_ids())
     assert kernel_calls["merge_weight"] == 2 * len(adapter)
