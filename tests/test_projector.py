@@ -371,7 +371,7 @@ def test_attach_update_mode_removes_the_hack_promoting_side_of_each_step(adapter
     w[0, 2] = -1.0  # k_proj: its "hack" direction is -e_2
     basis = {"q_proj": v, "k_proj": w}
     opt = torch.optim.SGD([adapter.delta], lr=0.5)
-    proj = vhack.Projector(adapter, basis, where="update").attach(opt)
+    proj = vhack.Projector(adapter, basis, where="update", partial=True).attach(opt)
     n, q, k = adapter.delta.numel(), 0, int(adapter.offsets[1])
     grad = torch.zeros(n)
     grad[q : q + 3] = torch.tensor([0.6, -0.8, 0.2])  # SGD: Delta_q = (-0.3, 0.4, -0.1)
@@ -407,7 +407,7 @@ def test_attach_grad_vs_update_mode_under_adam(adapter):
         with torch.no_grad():
             adapter.delta.zero_()
         opt = torch.optim.Adam([adapter.delta], lr=lr)
-        proj = vhack.Projector(adapter, basis, where=where).attach(opt)
+        proj = vhack.Projector(adapter, basis, where=where, partial=True).attach(opt)
         adapter.delta.grad = torch.zeros(adapter.delta.numel())
         adapter.delta.grad[1] = 1.0
         opt.step()
