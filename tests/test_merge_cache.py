@@ -394,3 +394,24 @@ def test_delta_parameter_is_a_parameter_and_survives_copies():
             lin.U, lin.S, lin.delta_S.detach(), lin.Vh, base=lin.base_weight
         )
         assert_close(lin.merged_weight(), expected, rtol=1e-5, atol=1e-6, name="copy")
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_without_recompiling_every_step(caplog):
+    """Under torch.compile the cache check runs eagerly: its integer key changes every step and,
+    traced, would be guarded on and recompiled until dynamo's recompile limit."""
+    import logging
+
+    model, adapter, x = _toy()
+    opt = torch.optim.AdamW([adapter.delta], lr=0.1, fused=True)
+    compiled = torch.compile(model, backend="aot_eager")
+    with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+        for _ in range(10):
+            opt.zero_grad()
+            y = compiled(x)
+            y.square().mean().backward()
+            opt.step()
+            with ops.use_backend("reference"):
+                factored = model(x)
+            assert_close(compiled(x), factored, rtol=1e-4, atol=1e-4, name="compiled forward")
+    assert "recompile_limit" not in caplog.text

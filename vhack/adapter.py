@@ -87,7 +87,10 @@ class DeltaParameter(nn.Parameter):
 
     `.data` returns a tensor with its own version counter, so in-place writes through it would
     otherwise be invisible to the merge cache. Every other use is exactly an nn.Parameter's;
-    operations on it return plain tensors.
+    operations on it return plain tensors. One visible difference: torch's optimizers pick their
+    foreach implementation by default only for plain Tensors/Parameters, so on CUDA a group holding
+    it defaults to the for-loop one (the same cost for this one packed tensor; pass foreach=True or
+    fused=True if the group also holds many other parameters).
     """
 
     @property
@@ -214,6 +217,9 @@ class SVDLinear(nn.Module):
             )
         super().__setattr__(name, value)
 
+    # Host-side bookkeeping: run eagerly under torch.compile (traced, its integer key would be
+    # guarded on and recompiled at every optimizer step).
+    @torch.compiler.disable
     def merged_weight(self) -> torch.Tensor:
         """W_eff [d_out, d_in] in the weight's dtype, cached until dS may have changed.
 
