@@ -194,9 +194,9 @@ def test_custom_optimizer_writing_through_data_and_raw_fused_kernel():
 
 
 def _writes(adapter):
-    """(description, function writing dS) for the ways a user can write dS directly."""
+    """Functions writing dS in each way a user can write it directly (named after the way)."""
     lin = next(iter(adapter.modules.values()))
-    lo, hi = lin._span
+    lo, hi = 0, lin.rank  # the first module packed
 
     def data_add():
         adapter.delta.data.add_(0.1)
