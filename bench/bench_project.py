@@ -322,13 +322,19 @@ def plot(rows: list[dict], env: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ks = sorted({r["k"] for r in rows}, reverse=True)
     fig, axes = plt.subplots(1, len(ks), figsize=(6 * len(ks), 4), squeeze=False)
     for ax, k in zip(axes[0], ks, strict=True):
         sub = [r for r in rows if r["k"] == k and "net_ms" in r]
         names = [r["provider"] for r in sub]
-        ax.barh(names, [r["net_ms"] for r in sub], color="tab:blue")
+        cold = bool(sub[0]["flush_mb"])
+        ax.barh(names, [r["net_ms"] for r in sub], color="tab:blue",
+                label="after a cache flush" if cold else "warm cache")  # fmt: skip
+        if cold:
+            ax.scatter([r["warm_ms"] for r in sub], range(len(sub)), marker="|", s=200,
+                       color="k", zorder=3, label="warm (no flush)")  # fmt: skip
         ax.axvline(sub[0]["floor_ms"], color="tab:red", ls="--", label="bytes-moved floor")
         for i, r in enumerate(sub):
             ax.text(
@@ -340,13 +346,16 @@ def plot(rows: list[dict], env: dict, path: Path) -> None:
             )
         ax.set_xscale("log")
         ax.invert_yaxis()
-        cache = (
-            f"after a {sub[0]['flush_mb']} MB cache flush" if sub[0]["flush_mb"] else "warm cache"
-        )
-        ax.set_xlabel(f"ms per projection of all modules (median, log; {cache})")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("ms per projection of all modules (median, log)")
         ax.set_title(f"k = {k}, {sub[0]['modules']} modules, R = {sub[0]['R_total']}")
         ax.legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"vhack projection on {env['device']} (torch {env['torch']})", fontsize=10)
+    flush_mb = rows[0]["flush_mb"]
+    cache = f"bars: after a {flush_mb} MB cache flush" if flush_mb else "warm cache, no flush"
+    fig.suptitle(
+        f"vhack projection on {env['device']} (torch {env['torch']}, {env['date'][:10]}; {cache})",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
