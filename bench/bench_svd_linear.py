@@ -16,6 +16,16 @@ against a dense dW pass (2 T d_in d_out). On CUDA it checks the issue's targets 
 PASS/MISS per target (never asserts). On CPU the "fused" providers run the torch backend (Triton
 needs CUDA; the interpreter is a correctness tool) and the figures are reported without targets.
 
+The SVDLinear fwd/train times use the cached merged weight, so they exclude the merge, which runs
+once per optimizer step (dS changes at every step) and costs many forwards (r / T of one at equal
+FLOPs). Beside them the bench reports the merge amortised at --tokens-per-step S tokens per
+optimizer step (default 4096 and 65536): each T-token call is charged merge_ms * T / S, e.g.
+  fwd_ratio (amortised)   = (svd_fwd + merge * T / S) / dense_fwd
+  train_ratio (amortised) = (svd_train + merge * T / S) / dense_train
+  eager_speedup (amortised) = eager_train / (svd_train + merge * T / S)
+where "eager" is the research pipeline's own formulation: the factored ((x Vh^T) * (S + dS)) U^T
+in autograd at every call, with no merge (it bypassed to the base Linear only at dS = 0).
+
     python bench/bench_svd_linear.py --device cuda          # T = 4096, the issue's targets
     python bench/bench_svd_linear.py --device cpu           # T = 256 by default, a few minutes
     python bench/bench_svd_linear.py --smoke                # tiny shapes, seconds
@@ -50,6 +60,7 @@ SHAPES = [
 ]
 SMOKE_SHAPES = [(48, 80, 1), (80, 48, 1)]
 DECODE_TOKENS = (1, 2, 4, 8, 16, 32, 64)
+TOKENS_PER_STEP = (4096, 65536)
 N_SEGMENTS = 8
 # Targets of the issue (CUDA only): (key, description, limit, "<=" or ">=")
 TARGETS = [
@@ -74,6 +85,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="back-to-back calls per timed sample, as in a model where the host runs ahead of the "
         "GPU (default: 10 CUDA, 1 CPU)",
     )
+    p.add_argument(
+        "--tokens-per-step",
+        type=int,
+        nargs="+",
+        default=list(TOKENS_PER_STEP),
+        help="tokens per optimizer step at which the per-step merge is amortised (each >= "
+        "--tokens; default 4096 65536)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny shapes and few reps: seconds")
     p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     p.add_argument("--no-plot", action="store_true")
@@ -85,6 +104,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.reps = 2 if args.smoke else (20 if cuda else 7)
     if args.inner is None:
         args.inner = 10 if cuda else 1
+    bad = [n for n in args.tokens_per_step if n < args.tokens]
+    if bad:
+        p.error(
+            f"--tokens-per-step {bad} is below --tokens {args.tokens}: a step holds at least one "
+            "T-token micro-batch"
+        )
     return args
 
 
@@ -172,6 +197,29 @@ class Case:
             "fused": lambda: self._fused(x, dS),
             "eager": lambda: self._eager(x, dS),
         }[provider]
+
+
+def amortised(times: dict, tokens: int, tokens_per_step: list[int]) -> list[dict]:
+    """The per-step merge charged to each T-token call at S tokens per optimizer step.
+
+    times: provider -> {"median_ms"} of one shape; returns one dict per S with the merge share
+    (merge_ms * T / S) and the cached ratios with that share added (module docstring).
+    """
+    ms = {name: t["median_ms"] for name, t in times.items()}
+    out = []
+    for per_step in tokens_per_step:
+        share = ms["merge"] * tokens / per_step
+        out.append(
+            {
+                "tokens_per_step": per_step,
+                "merge_ms_per_call": share,
+                "fwd_ratio": (ms["svd_fwd"] + share) / ms["dense_fwd"],
+                "train_ratio": (ms["svd_train"] + share) / ms["dense_train"],
+                "eager_speedup": ms["eager_train"] / (ms["svd_train"] + share),
+                "eager_fwd_speedup": ms["eager_fwd"] / (ms["svd_fwd"] + share),
+            }
+        )
+    return out
 
 
 def bytes_of(*tensors) -> int:
@@ -262,6 +310,8 @@ def run(args) -> tuple[list[dict], dict]:
                 "decode_ratio": max(decode_ratios),
                 "segment_ratio": times["ds_segments"]["median_ms"] / times["ds_batch"]["median_ms"],
                 "merge_ms": times["merge"]["median_ms"],
+                "merge_over_fwd": times["merge"]["median_ms"] / times["svd_fwd"]["median_ms"],
+                "amortised": amortised(times, args.tokens, args.tokens_per_step),
                 "ds_ms": times["ds_batch"]["median_ms"],
                 "dense_dw_ms": times["dense_dw"]["median_ms"],
                 "ds_floor_vs_dw": (case.r * (d_in + d_out)) / (d_in * d_out),
@@ -284,6 +334,44 @@ def run(args) -> tuple[list[dict], dict]:
     return rows, summary
 
 
+AMORTISED_COLUMNS = [
+    "shape",
+    "tokens/step",
+    "merge ms/call",
+    "fwd cached",
+    "fwd amortised",
+    "train cached",
+    "train amortised",
+    "eager/svd train cached",
+    "eager/svd train amortised",
+    "eager/svd fwd amortised",
+]
+
+
+def amortised_table(summary: dict) -> list[dict]:
+    """One row per (shape, tokens per step) for print_table."""
+    rows = []
+    for shape, s in summary.items():
+        if shape.startswith("_"):
+            continue
+        for a in s["amortised"]:
+            rows.append(
+                {
+                    "shape": shape,
+                    "tokens/step": a["tokens_per_step"],
+                    "merge ms/call": a["merge_ms_per_call"],
+                    "fwd cached": s["fwd_ratio"],
+                    "fwd amortised": a["fwd_ratio"],
+                    "train cached": s["train_ratio"],
+                    "train amortised": a["train_ratio"],
+                    "eager/svd train cached": s["eager_speedup"],
+                    "eager/svd train amortised": a["eager_speedup"],
+                    "eager/svd fwd amortised": a["eager_fwd_speedup"],
+                }
+            )
+    return rows
+
+
 def print_report(args, summary: dict, env: dict) -> list[str]:
     shapes = {k: v for k, v in summary.items() if not k.startswith("_")}
     table = [{"shape": k, **v} for k, v in shapes.items()]
@@ -303,10 +391,17 @@ def print_report(args, summary: dict, env: dict) -> list[str]:
             "decode_ratio",
             "segment_ratio",
             "merge_ms",
+            "merge_over_fwd",
             "ds_floor_vs_dw",
             "ds_tflops",
         ],
     )
+    print(
+        "\nthe merge (once per optimizer step) amortised at S tokens per step: each T-token call "
+        "is charged merge_ms * T / S; 'cached' columns exclude it, eager = the research code's "
+        "factored path (no merge)"
+    )
+    common.print_table(amortised_table(summary), AMORTISED_COLUMNS)
     common.print_table(
         table, ["shape", "peak_mb_dense_train", "peak_mb_svd_train", "w_mib", "uvh_over_w"]
     )
@@ -326,6 +421,12 @@ def print_report(args, summary: dict, env: dict) -> list[str]:
             lines.append(
                 f"{'PASS' if ok else 'MISS'}  {shape:>10}  {text}: {s[key]:.3f} ({op} {limit})"
             )
+            if key in ("fwd_ratio", "train_ratio", "eager_speedup"):
+                for a in s["amortised"]:
+                    lines.append(
+                        f"INFO  {shape:>10}  {text}, merge amortised at {a['tokens_per_step']} "
+                        f"tokens/step: {a[key]:.3f}"
+                    )
     print("\n".join(lines))
     return lines
 
@@ -338,27 +439,38 @@ def plot(rows: list[dict], summary: dict, env: dict, path: Path) -> None:
 
     shapes = [k for k in summary if not k.startswith("_")]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    per_step = min(a["tokens_per_step"] for a in summary[shapes[0]]["amortised"])
     providers = [
-        ("svd_fwd", "SVDLinear fwd"),
+        ("svd_fwd", "SVDLinear fwd (cached merge)"),
+        ("fwd_ratio", f"SVDLinear fwd + merge @ {per_step} tok/step"),
         ("fused_fwd", "fused fwd"),
-        ("eager_fwd", "eager fwd"),
-        ("svd_train", "SVDLinear train"),
+        ("eager_fwd", "eager fwd (research)"),
+        ("svd_train", "SVDLinear train (cached merge)"),
+        ("train_ratio", f"SVDLinear train + merge @ {per_step} tok/step"),
         ("fused_train", "fused train"),
-        ("eager_train", "eager train"),
+        ("eager_train", "eager train (research)"),
     ]
-    width = 0.8 / len(providers)
-    for i, (name, label) in enumerate(providers):
-        vals = [
+
+    def ratios(name: str) -> list[float]:
+        if name.endswith("_ratio"):  # a cached ratio with the merge amortised at per_step
+            return [
+                next(a[name] for a in summary[s]["amortised"] if a["tokens_per_step"] == per_step)
+                for s in shapes
+            ]
+        return [
             next(r["ratio_vs_dense"] for r in rows if r["shape"] == s and r["provider"] == name)
             for s in shapes
         ]
-        ax1.bar([j + i * width for j in range(len(shapes))], vals, width, label=label)
+
+    width = 0.8 / len(providers)
+    for i, (name, label) in enumerate(providers):
+        ax1.bar([j + i * width for j in range(len(shapes))], ratios(name), width, label=label)
     ax1.axhline(1.0, color="k", lw=0.8)
     ax1.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes)
     ax1.set_ylabel("time / dense (fwd: dense fwd; train: dense fwd+dX+dW)")
     ax1.set_title(f"T = {rows[0]['tokens']} tokens")
     ax1.margins(y=0.3)
-    ax1.legend(fontsize=7, ncol=3, loc="upper left")
+    ax1.legend(fontsize=6, ncol=2, loc="upper left")
     decode = [r for r in rows if r["phase"] == "decode"]
     for provider in ("merged", "fused", "eager"):
         tokens = sorted({r["tokens"] for r in decode})
@@ -392,7 +504,10 @@ def main(argv=None) -> int:
     lines = print_report(args, summary, env)
     notes = (
         f"T={args.tokens}, {args.dtype}, reps={args.reps} x {args.inner} calls; fused providers ran the "
-        f"{summary['_model']['backend']!r} backend."
+        f"{summary['_model']['backend']!r} backend. svd fwd/train ratios use the cached merge; "
+        f"'amortised' adds merge_ms * T / S at S = {args.tokens_per_step} tokens per optimizer "
+        "step; eager = the research code's factored path. Operands are timed warm (no cache "
+        "flush): decode rows read weights that may sit in cache."
     )
     if device.type == "cpu":
         notes += " CPU: shared machine, timings are noisy; no targets apply."

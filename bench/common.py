@@ -69,18 +69,25 @@ def time_ms(
     warmup: int = 3,
     reps: int = 20,
     min_time_s: float = 0.2,
+    setup: Callable[[], object] | None = None,
 ) -> dict:
     """Median, 20th and 80th percentile wall time of fn() in milliseconds.
 
-    CUDA: CUDA events around each call after a synchronize (device time, warm caches). CPU:
-    perf_counter around each call. At least `reps` calls and at least `min_time_s` seconds.
+    CUDA: CUDA events around each call after a synchronize (device time). CPU: perf_counter
+    around each call. At least `reps` calls and at least `min_time_s` seconds. `setup` runs
+    before every call (warmup included), untimed: e.g. restore an input, or a `CacheFlush`, without
+    which fn's operands stay in cache from the previous call.
     """
     device = torch.device(device)
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         fn()
     times: list[float] = []
     start_all = time.perf_counter()
     while len(times) < reps or time.perf_counter() - start_all < min_time_s:
+        if setup is not None:
+            setup()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -98,6 +105,38 @@ def time_ms(
     times.sort()
     q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "n": len(times)}
+
+
+def last_level_cache_mb(device: torch.device | str) -> float | None:
+    """Size of the cache a flush must evict, MiB: the L2 on CUDA, the last-level cache on CPU
+    (Linux sysfs), None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size / 2**20
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        unit = {"K": 2**-10, "M": 1.0, "G": 2**10}.get(text[-1:])
+        if unit is not None and text[:-1].isdigit():
+            sizes.append(int(text[:-1]) * unit)
+    return max(sizes) if sizes else None
+
+
+class CacheFlush:
+    """Evicts the last-level cache (CUDA L2, CPU LLC) by reading and writing a buffer much larger
+    than it: call it (as `time_ms(..., setup=...)`) before each timed call, so that call reads its
+    operands from memory, as a training step does for data it touches once per step. A flush of
+    0 MB does nothing (warm-cache timing)."""
+
+    def __init__(self, device: torch.device | str, mb: int) -> None:
+        self.mb = mb
+        # int32 with add_: plain vectorised loads and stores through the cache (a large memset
+        # may use non-temporal stores that bypass it), wrapping harmlessly.
+        self._buf = torch.zeros(mb * 2**18, dtype=torch.int32, device=device) if mb > 0 else None
+
+    def __call__(self) -> None:
+        if self._buf is not None:
+            self._buf.add_(1)
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> float | None:

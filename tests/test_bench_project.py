@@ -36,4 +36,9 @@ def test_bench_project_smoke(tmp_path):
         assert "error" not in row, row
         assert row["max_abs_err"] < 1e-4, row  # float32 against the float64 reference
         assert row["net_ms"] > 0 and row["floor_bytes"] > 0
+        # timed after a cache flush (smoke: 8 MB), with the warm time beside it
+        assert row["flush_mb"] == 8 and row["warm_ms"] > 0
+        assert row["cold_over_warm"] == pytest.approx(row["net_ms"] / row["warm_ms"])
+        assert row["net_ms"] == pytest.approx(row["median_ms"])
+    assert "cache flush: 8 MB" in result.stdout and "cache flush: 8 MB" in data["notes"]
     assert any(line.startswith(("PASS", "MISS", "INFO")) for line in result.stdout.splitlines())

@@ -11,6 +11,24 @@ Exactness at dS = 0: the forward runs through a dense effective weight W_eff = W
 (W the original weight), which is W itself at dS = 0, while the dS gradient is always the exact
 SVD-basis one. The wrapped model therefore reproduces the base model's logits at dS = 0 and doubles
 as the KL reference.
+
+Merge cache (when W_eff is recomputed). Each SVDLinear caches W_eff and reuses it while it is sure
+dS did not change; deciding must not synchronise with the device (every layer checks on every
+forward), so it compares host-side counters, never dS itself. W_eff is re-merged at the next
+forward after any of:
+  * an in-place op on `adapter.delta` or a view of it (`delta.add_`, `delta_S.copy_`, also under
+    torch.no_grad() / inference_mode): autograd's version counter;
+  * any `torch.optim.Optimizer.step()` (every torch optimizer and subclass: for-loop, foreach and
+    fused, including ones that write through `.data` inside step): a global step post-hook
+    (`register_optimizer_step_post_hook`) bumps a write clock;
+  * reading or assigning `adapter.delta.data`: the Parameter is a `DeltaParameter`, whose `.data`
+    bumps the clock (a `.data` tensor has its own version counter, so writes through it are
+    otherwise invisible);
+  * `adapter.load_state_dict`, the model's `load_state_dict`, device moves, `adapter.invalidate()`.
+The clock is process-wide, so any optimizer step re-merges every adapter once (cheap: one merge per
+module per step). Writes that none of these see need `adapter.invalidate()` afterwards: through a
+`.data` alias kept from before, through `.data` of a view (`lin.delta_S.data`), or by kernels called
+directly (`torch._fused_adamw_`, custom CUDA) outside an optimizer step.
 """
 
 from __future__ import annotations
@@ -24,6 +42,8 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from vhack import ops
@@ -31,11 +51,66 @@ from vhack.cache import cache_dir as resolve_cache_dir
 from vhack.cache import svd_cache_enabled
 from vhack.ops.svd_linear import check_segment_range
 
-__all__ = ["DEFAULT_TARGETS", "Adapter", "SVDLinear", "SegmentGrads", "wrap"]
+__all__ = ["DEFAULT_TARGETS", "Adapter", "DeltaParameter", "SVDLinear", "SegmentGrads", "wrap"]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 STORE_NAME = "vhack_store"
+
+
+# ---------------------------------------------------------------------------------------------
+# The write clock: counts dS writes that autograd's version counter does not see (module docstring)
+# ---------------------------------------------------------------------------------------------
+
+_write_clock = 0
+_optimizer_hook: RemovableHandle | None = None
+
+
+def _tick() -> None:
+    """Record that some adapter's dS may have changed behind its version counter."""
+    global _write_clock
+    _write_clock += 1
+
+
+def _on_optimizer_step(optimizer, args, kwargs) -> None:
+    _tick()  # a host-side counter: no device work, no synchronisation
+
+
+def _install_optimizer_hook() -> None:
+    """Register the global optimizer step post-hook once per process (on the first wrap())."""
+    global _optimizer_hook
+    if _optimizer_hook is None:
+        _optimizer_hook = register_optimizer_step_post_hook(_on_optimizer_step)
+
+
+class DeltaParameter(nn.Parameter):
+    """The packed dS Parameter: an nn.Parameter whose `.data` (read or assigned) marks dS as
+    possibly written, so merged weights cached from it are recomputed (see the module docstring).
+
+    `.data` returns a tensor with its own version counter, so in-place writes through it would
+    otherwise be invisible to the merge cache. Every other use is exactly an nn.Parameter's;
+    operations on it return plain tensors. One visible difference: torch's optimizers pick their
+    foreach implementation by default only for plain Tensors/Parameters, so on CUDA a group holding
+    it defaults to the for-loop one (the same cost for this one packed tensor; pass foreach=True or
+    fused=True if the group also holds many other parameters).
+    """
+
+    @property
+    def data(self) -> torch.Tensor:
+        _tick()
+        return torch.Tensor.data.__get__(self)
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        _tick()
+        torch.Tensor.data.__set__(self, value)
+
+    def __repr__(self) -> str:
+        return "Parameter containing:\n" + repr(self.detach())
+
+    def __reduce_ex__(self, proto):
+        # Pickles as a DeltaParameter (nn.Parameter's own reduce would rebuild a plain Parameter).
+        return (DeltaParameter, (self.detach(), self.requires_grad))
 
 
 class DeltaStore(nn.Module):
@@ -46,14 +121,25 @@ class DeltaStore(nn.Module):
 
     def __init__(self, total: int, device: torch.device) -> None:
         super().__init__()
-        self.delta = nn.Parameter(torch.zeros(total, dtype=torch.float32, device=device))
-        # (data_ptr, version) of `delta` while it is known to be all zero: merges are skipped then.
-        self.zero_key: tuple[int, int] | None = self.key()
+        self.delta = DeltaParameter(torch.zeros(total, dtype=torch.float32, device=device))
+        self.generation = 0  # bumped by invalidate(), loads and moves
+        # The key() of `delta` while it is known to be all zero: merges are skipped then.
+        self.zero_key: tuple[int, int, int, int] | None = self.key()
         self.capture: SegmentGrads | None = None
 
-    def key(self) -> tuple[int, int]:
-        """Identifies the current contents of `delta`: its storage and in-place version counter."""
-        return (self.delta.data_ptr(), self.delta._version)
+    def key(self) -> tuple[int, int, int, int]:
+        """Host-side identity of `delta`'s current contents (no device sync): its storage, its
+        in-place version counter, this store's generation and the process-wide write clock."""
+        delta = self.delta
+        return (delta.data_ptr(), delta._version, self.generation, _write_clock)
+
+    def invalidate(self) -> None:
+        """Make every merged weight cached from `delta` stale."""
+        self.generation += 1
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.invalidate()  # also covers load_state_dict(assign=True), which swaps the Parameter
 
     def _apply(self, fn, recurse=True):
         # Follow device moves but keep float32: probe the target device with an empty tensor.
@@ -63,6 +149,7 @@ class DeltaStore(nn.Module):
             if self.delta.grad is not None:
                 self.delta.grad = self.delta.grad.to(device)
             self.zero_key = None  # unknown after a move; merges are exact either way
+            self.invalidate()
         return self
 
     def extra_repr(self) -> str:
@@ -106,7 +193,9 @@ class SVDLinear(nn.Module):
             self.add_module(STORE_NAME, store)
         self._span = span
         self._merged: torch.Tensor | None = None
-        self._merged_key: tuple | None = None
+        # (the delta Parameter, its key()) the cached merge was computed from; a tuple, so that
+        # nn.Module does not register the Parameter under this module too.
+        self._merged_from: tuple | None = None
         # Set by Adapter.merged() to the merged weight: a plain dense forward, no dS gradient,
         # and no per-call cache check (generation is launch-bound at small batch).
         self.generation_weight: torch.Tensor | None = None
@@ -130,22 +219,31 @@ class SVDLinear(nn.Module):
             )
         super().__setattr__(name, value)
 
+    # Host-side bookkeeping: run eagerly under torch.compile (traced, its integer key would be
+    # guarded on and recompiled at every optimizer step).
+    @torch.compiler.disable
     def merged_weight(self) -> torch.Tensor:
-        """W_eff [d_out, d_in] in the weight's dtype, cached until dS changes (its version counter).
+        """W_eff [d_out, d_in] in the weight's dtype, cached until dS may have changed.
 
-        At dS = 0 this is the original weight itself: no copy, no rounding.
+        The check compares host-side counters only (no device sync); the module docstring lists
+        what invalidates the cache, and when to call `adapter.invalidate()` yourself. At dS = 0
+        this is the original weight itself: no copy, no rounding.
         """
-        delta_key = self._store.key()
+        store = self._store
+        delta_key = store.key()
         key = (*delta_key, self.base_weight.data_ptr(), self.U.dtype)
-        if self._merged_key != key:
+        # The source Parameter is compared by identity and kept alive by the cache, so a new
+        # Parameter (load_state_dict(assign=True)) can never reuse the old storage's address.
+        cached = self._merged_from
+        if cached is None or cached[0] is not store.delta or cached[1] != key:
             with torch.no_grad():
-                if delta_key == self._store.zero_key:
+                if delta_key == store.zero_key:
                     self._merged = self.base_weight.detach()
                 else:
                     self._merged = ops.merge_weight(
                         self.U, self.S, self.delta_S.detach(), self.Vh, base=self.base_weight
                     )
-            self._merged_key = key
+            self._merged_from = (store.delta, key)
         return self._merged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,7 +261,7 @@ class SVDLinear(nn.Module):
         S = self.S
         super()._apply(fn, recurse)
         self.S = S.to(self.U.device)  # singular values stay float32 whatever the model dtype
-        self._merged, self._merged_key = None, None
+        self._merged, self._merged_from = None, None
         return self
 
     def extra_repr(self) -> str:
@@ -328,6 +426,19 @@ class Adapter:
         with torch.no_grad():
             for name, mod in self.modules.items():
                 mod.delta_S.copy_(state_dict[name].to(torch.float32))
+        self.invalidate()  # the copies bump the version counter already; this keeps it explicit
+
+    def invalidate(self) -> None:
+        """Recompute every module's merged weight at its next use.
+
+        Needed only after writing dS in a way the merge cache cannot see (see `vhack.adapter`):
+        through a `.data` alias kept from before, through `.data` of a view such as
+        `adapter.modules[name].delta_S.data`, or by calling kernels directly outside an
+        `optimizer.step()`. Optimizer steps, in-place ops on `delta`, `delta.data` and
+        `load_state_dict` are seen without it. Host-side only (no device work).
+        """
+        self._check_attached()
+        self._store.invalidate()
 
     # ---- per-segment gradients ---------------------------------------------------------------------
     @contextmanager
@@ -366,10 +477,11 @@ class Adapter:
     def merged(self) -> Iterator[nn.Module]:
         """Run the model through dense merged weights (for generation); yields the model.
 
-        Each module merges W_eff = W + U diag(dS) Vh on entry, re-merging only when dS changed since
-        its last merge (the merge kernel on CUDA); the forward is then a plain dense Linear with
-        no per-call check, so dS changed inside the block takes effect at the next entry. No dS
-        gradient flows inside the block.
+        Each module merges W_eff = W + U diag(dS) Vh on entry, re-merging only when dS may have
+        changed since its last merge (the merge kernel on CUDA; what counts as a change: see
+        `vhack.adapter`); the forward is then a plain dense Linear with no per-call check, so dS
+        changed inside the block takes effect at the next entry. No dS gradient flows inside the
+        block.
         """
         self._check_attached()
         for mod in self.modules.values():
@@ -558,6 +670,7 @@ def wrap(
     ]
 
     # Everything that can fail has run; now change the model.
+    _install_optimizer_hook()
     store = DeltaStore(sum(S.numel() for _, S, _ in factors), devices.pop())
     modules: dict[str, SVDLinear] = {}
     offset = 0
