@@ -14,6 +14,7 @@ Importing this package needs transformers only; TRL and accelerate are optional 
 """
 
 from vhack.integrations.callback import METRIC_PREFIX, VHackCallback
+from vhack.integrations.distributed import ShardedProjector, all_reduce_grad, fsdp2_shard_range
 from vhack.integrations.reference_model import (
     ZeroDeltaReference,
     use_zero_delta_reference,
@@ -23,8 +24,11 @@ from vhack.integrations.weights import merged_named_parameters, merged_state_dic
 
 __all__ = [
     "METRIC_PREFIX",
+    "ShardedProjector",
     "VHackCallback",
     "ZeroDeltaReference",
+    "all_reduce_grad",
+    "fsdp2_shard_range",
     "merged_named_parameters",
     "merged_state_dict",
     "patch_vllm_sync",
