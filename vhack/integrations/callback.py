@@ -225,7 +225,7 @@ class VHackCallback(TrainerCallback):
             if self.log_metrics:
                 self._install_log(trainer)
             vllm = getattr(trainer, "vllm_generation", None)
-            if vllm is not None and getattr(trainer.args, "use_vllm", False):
+            if vllm is not None:  # TRL with use_vllm=True
                 from vhack.integrations.weights import patch_vllm_sync
 
                 patch_vllm_sync(vllm, self.projector.adapter)

@@ -1,0 +1,326 @@
+"""VHackCallback in a real transformers Trainer: projects once per optimizer step (grad and update
+mode), its statistics reach log_history, the reporting callbacks and the console, bad setups are
+refused before training; plus the merged dense weights for vLLM and the dS = 0 reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import vhack
+from vhack.errors import UsageError
+from vhack.integrations import (
+    VHackCallback,
+    ZeroDeltaReference,
+    merged_named_parameters,
+    merged_state_dict,
+    patch_vllm_sync,
+)
+
+KEYS = ("vhack/cin_mean", "vhack/fired", "vhack/energy_removed", "vhack/norm_before")
+
+
+def _wrapped(seed: int = 0, **config):
+    model = vhack.models.tiny_model(seed=seed, **config)
+    adapter = vhack.wrap(model, progress=False, use_cache=False)
+    g = torch.Generator().manual_seed(seed + 1)
+    basis = {}
+    for name, mod in adapter.modules.items():
+        q, _ = torch.linalg.qr(torch.randn(mod.rank, 2, generator=g, dtype=torch.float64))
+        basis[name] = q.T.contiguous()
+    return model, adapter, basis
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 16, length: int = 12) -> None:
+        self.ids = torch.randint(0, 256, (n, length), generator=torch.Generator().manual_seed(5))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _args(tmp_path, **overrides) -> TrainingArguments:
+    fields = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        logging_steps=2,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,  # PrinterCallback: logs go to stdout
+        dataloader_num_workers=0,
+    )
+    fields.update(overrides)
+    return TrainingArguments(**fields)
+
+
+class _Probe(TrainerCallback):
+    """Registered AFTER VHackCallback: sees the gradient / update the optimizer gets."""
+
+    def __init__(self, adapter, basis) -> None:
+        self.adapter = adapter
+        self.measure = vhack.Projector(adapter, basis, mode="measure")
+        self.grad_cin, self.grad_norm, self.update_cin = [], [], []
+        self.before = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        grad = self.adapter.delta.grad
+        self.grad_cin.append(self.measure.measure(grad.clone()).cin_mean)
+        self.grad_norm.append(grad.norm().item())
+        self.before = self.adapter.delta.detach().clone()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        change = self.adapter.delta.detach() - self.before
+        self.update_cin.append(self.measure.measure(change).cin_mean)
+
+
+class _Reporter(TrainerCallback):
+    """Registered BEFORE VHackCallback, like transformers' report_to integrations."""
+
+    def __init__(self) -> None:
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def test_grad_mode_projects_every_optimizer_step_and_logs_everywhere(tmp_path, capsys):
+    model, adapter, basis = _wrapped()
+    base = vhack.models.tiny_model(seed=0)
+    proj = vhack.Projector(adapter, basis, mode="both")
+    callback, probe, reporter = VHackCallback(proj), _Probe(adapter, basis), _Reporter()
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=_Tokens(),
+        callbacks=[reporter, callback, probe],
+    )
+    trainer.train()
+
+    # once per optimizer step (4 steps of 2 accumulated micro-batches), on the projected gradient
+    assert callback.steps == 4 and len(probe.grad_cin) == 4
+    assert max(probe.grad_cin) < 1e-5, probe.grad_cin  # "both": nothing left in span(V)
+    train_logs = [r for r in trainer.state.log_history if "loss" in r]
+    assert [r["step"] for r in train_logs] == [2, 4]
+    for record in train_logs:
+        assert all(k in record for k in KEYS), record
+        assert record["vhack/cin_mean"] > 0.01  # there was something to remove
+        assert 0 < record["vhack/energy_removed"] < 1
+    # the reporting callbacks (registered before it) and the console got them too
+    assert [r["vhack/cin_mean"] for r in reporter.logs if "loss" in r] == [
+        r["vhack/cin_mean"] for r in train_logs
+    ]
+    assert "vhack/cin_mean" in capsys.readouterr().out
+    assert "log" not in trainer.__dict__  # the log wrapper is removed at the end of training
+    # the model the Trainer trained really moved (fused AdamW writes dS without a version bump)
+    x = torch.randint(0, 256, (1, 8))
+    assert (model(input_ids=x).logits - base(input_ids=x).logits).abs().max() > 1e-3
+
+
+def test_update_mode_projects_the_step(tmp_path):
+    model, adapter, basis = _wrapped()
+    proj = vhack.Projector(adapter, basis, mode="both", where="update")
+    callback, probe = VHackCallback(proj), _Probe(adapter, basis)
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, max_steps=3, logging_steps=1),
+        train_dataset=_Tokens(),
+        callbacks=[callback, probe],
+    )
+    trainer.train()
+    assert callback.steps == 3
+    assert min(probe.grad_cin) > 0.01  # the gradient itself is not projected in update mode
+    assert max(probe.update_cin) < 1e-5, probe.update_cin  # the change of dS is
+    assert all("vhack/cin_mean" in r for r in trainer.state.log_history if "loss" in r)
+
+
+def test_project_then_clip(tmp_path):
+    model, adapter, basis = _wrapped()
+    proj = vhack.Projector(adapter, basis, mode="both")
+    probe = _Probe(adapter, basis)
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, max_steps=2, max_grad_norm=0),
+        train_dataset=_Tokens(),
+        callbacks=[VHackCallback(proj, max_grad_norm=0.01), probe],
+    )
+    trainer.train()
+    assert max(probe.grad_norm) <= 0.01 * (1 + 1e-5)
+    assert max(probe.grad_cin) < 1e-5
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+
+def _train_with(tmp_path, model, callbacks, **args):
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, **args), train_dataset=_Tokens(), callbacks=callbacks
+    )
+    trainer.train()
+
+
+def test_a_model_that_was_not_wrapped_is_refused(tmp_path):
+    _, adapter, basis = _wrapped()
+    other = vhack.models.tiny_model(seed=1)  # not wrapped: the Trainer trains all its weights
+    with pytest.raises(UsageError, match="does not hold this projector's adapter.delta"):
+        _train_with(tmp_path, other, [VHackCallback(vhack.Projector(adapter, basis))])
+
+
+def test_a_basis_for_another_model_is_refused():
+    _, adapter, _ = _wrapped()
+    _, _, other_basis = _wrapped(num_hidden_layers=3)  # a module the adapter does not wrap
+    with pytest.raises(ValueError, match="another model"):
+        vhack.Projector(adapter, other_basis)
+
+
+def test_a_callback_attached_twice_is_refused(tmp_path):
+    model, adapter, basis = _wrapped()
+    callback = VHackCallback(vhack.Projector(adapter, basis))
+    with pytest.raises(UsageError, match="VHackCallbacks project the same adapter"):
+        _train_with(tmp_path, model, [callback, callback])
+    other = VHackCallback(vhack.Projector(adapter, basis))
+    with pytest.raises(UsageError, match="VHackCallbacks project the same adapter"):
+        _train_with(tmp_path, model, [callback, other])
+    assert adapter.delta.abs().max() == 0  # refused before any step
+
+
+def test_a_projector_also_attached_to_an_optimizer_is_refused(tmp_path):
+    model, adapter, basis = _wrapped()
+    proj = vhack.Projector(adapter, basis).attach(torch.optim.SGD([adapter.delta], lr=0.1))
+    with pytest.raises(UsageError, match="also attached to an optimizer"):
+        _train_with(tmp_path, model, [VHackCallback(proj)])
+
+
+def test_clip_after_projection_needs_the_trainer_not_to_clip(tmp_path):
+    model, adapter, basis = _wrapped()
+    callback = VHackCallback(vhack.Projector(adapter, basis), max_grad_norm=1.0)
+    with pytest.raises(UsageError, match="max_grad_norm=0"):
+        _train_with(tmp_path, model, [callback], max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("how", ["args", "env"])
+def test_deepspeed_is_refused_with_the_reason(tmp_path, monkeypatch, how):
+    model, adapter, basis = _wrapped()
+    callback = VHackCallback(vhack.Projector(adapter, basis))
+    args = _args(tmp_path)
+    if how == "args":
+        args.deepspeed = {"zero_optimization": {"stage": 2}}  # what a DeepSpeed run carries
+    else:
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # set by accelerate launch
+    opt = torch.optim.AdamW([adapter.delta])
+    with pytest.raises(UsageError, match="DeepSpeed performs the optimizer step inside backward"):
+        callback.on_train_begin(args, None, None, model=model, optimizer=opt)
+
+
+def test_bad_arguments():
+    _, adapter, basis = _wrapped()
+    with pytest.raises(TypeError, match="vhack.Projector"):
+        VHackCallback(basis)
+    with pytest.raises(ValueError, match="positive"):
+        VHackCallback(vhack.Projector(adapter, basis), max_grad_norm=-1)
+    with pytest.raises(ValueError, match='where="grad" only'):
+        VHackCallback(vhack.Projector(adapter, basis, where="update"), max_grad_norm=1.0)
+
+
+# ---- merged dense weights (vLLM) and the dS = 0 reference ------------------------------------------
+
+
+def _trained(seed: int = 0):
+    model, adapter, basis = _wrapped(seed)
+    with torch.no_grad():
+        adapter.delta.normal_(0, 0.1, generator=torch.Generator().manual_seed(9))
+    dense_model, dense_adapter = copy.deepcopy((model, adapter))
+    dense = dense_adapter.merge()  # a plain dense model with W_eff written into its Linears
+    return model, adapter, dense
+
+
+def test_merged_weights_equal_the_dense_model_under_its_names():
+    _, adapter, dense = _trained()
+    expected = dense.state_dict()
+    got = merged_state_dict(adapter)
+    assert list(got) == list(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-6, atol=1e-6, msg=name)
+    named = list(merged_named_parameters(adapter))
+    assert [n for n, _ in named] == [n for n, _ in dense.named_parameters()]
+
+
+def test_vllm_weight_sync_sends_the_merged_dense_weights():
+    pytest.importorskip("trl")
+    from accelerate import Accelerator
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    class FakeClient:  # stands in for trl's VLLMClient (server mode): records what it receives
+        def __init__(self) -> None:
+            self.received, self.metadata, self.resets = {}, None, 0
+
+        def update_named_params(self, metadata, params):
+            self.metadata = metadata
+            for name, tensor in params:
+                self.received[name] = tensor.clone()
+
+        def reset_prefix_cache(self):
+            self.resets += 1
+
+    class Generation(VLLMGeneration):
+        def _init_vllm(self):  # no vLLM here: the client is the stand-in
+            self.vllm_client = FakeClient()
+
+    model, adapter, dense = _trained()
+    generation = Generation(model, Accelerator(cpu=True), vhack.models.byte_tokenizer(), "server")
+    patch_vllm_sync(generation, adapter)
+    generation.sync_weights()  # TRL's own sync code
+    client = generation.vllm_client
+    expected = dict(dense.named_parameters())
+    assert list(client.received) == list(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(client.received[name], tensor.detach(), msg=name)
+    assert [m[0] for m in client.metadata] == list(expected) and client.resets == 1
+
+    with pytest.raises(ValueError, match="does not drive the wrapped model"):
+        patch_vllm_sync(generation, _wrapped(1)[1])
+
+
+def test_the_callback_wires_the_vllm_sync_of_its_trainer(tmp_path):
+    model, adapter, basis = _wrapped()
+
+    class Generation:  # trainer.vllm_generation of TRL with use_vllm=True
+        def __init__(self, model) -> None:
+            self.model = model
+
+        def _iter_named_params(self):
+            yield from self.model.named_parameters()
+
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, max_steps=1),
+        train_dataset=_Tokens(),
+        callbacks=[VHackCallback(vhack.Projector(adapter, basis))],
+    )
+    trainer.vllm_generation = Generation(model)
+    trainer.train()
+    names = [n for n, _ in trainer.vllm_generation._iter_named_params()]
+    assert names == [n for n, _ in vhack.models.tiny_model().named_parameters()]
+
+
+def test_zero_delta_reference_is_the_base_model():
+    model, adapter, _ = _trained()
+    base = vhack.models.tiny_model(seed=0)
+    reference = ZeroDeltaReference(adapter)
+    x = torch.randint(0, 256, (2, 9))
+    want = base(input_ids=x).logits
+    assert (model(input_ids=x).logits - want).abs().max() > 1e-3  # dS != 0 changes the model
+    torch.testing.assert_close(reference(input_ids=x).logits, want, rtol=0, atol=1e-6)
+    assert list(reference.parameters()) == []
+    reference.eval()
+    model.train()
+    assert model.training  # the reference never touches the policy's mode
