@@ -235,10 +235,10 @@ def test_bad_arguments():
 
 
 def _trained(seed: int = 0):
-    model, adapter, basis = _wrapped(seed)
+    model, adapter, _ = _wrapped(seed)
     with torch.no_grad():
         adapter.delta.normal_(0, 0.1, generator=torch.Generator().manual_seed(9))
-    dense_model, dense_adapter = copy.deepcopy((model, adapter))
+    _, dense_adapter = copy.deepcopy((model, adapter))
     dense = dense_adapter.merge()  # a plain dense model with W_eff written into its Linears
     return model, adapter, dense
 

@@ -84,7 +84,7 @@ def test_grpo_trainer_with_kl_against_the_zero_delta_reference(tmp_path):
 
 
 def test_zero_delta_reference_needs_a_trainer_built_with_beta_zero(tmp_path):
-    model, adapter, basis = _wrapped()
+    model, adapter, _ = _wrapped()
     trainer = _grpo(tmp_path, model, [])
     use_zero_delta_reference(trainer, adapter, beta=0.1)
     with pytest.raises(ValueError, match=r"GRPOConfig\(beta=0.0\)"):
