@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,18 @@ def test_trl_example_under_accelerate_launch_with_two_cpu_processes(tmp_path):
             assert a[key] == b[key], (key, a[key], b[key])
     assert any(r["vhack/cin_mean"] > 0 for r in logs[0])
     assert ranks[0]["delta"] == ranks[1]["delta"]  # DDP kept dS identical on the ranks
+
+
+def test_readme_trainer_snippets_run(tmp_path, monkeypatch):
+    """The three snippets of the README's "Use it in your trainer" run, in order, in one namespace."""
+    pytest.importorskip("trl", reason="TRL is not installed (pip install 'vhack-kernels[trl]')")
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Use it in your trainer", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)\n```", section, flags=re.S)
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)  # the snippets write to ./out
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"README trainer snippet {i + 1}", "exec"), namespace)
+    logs = namespace["trainer"].state.log_history
+    assert any("vhack/cin_mean" in r for r in logs) and any("kl" in r for r in logs), logs
