@@ -324,3 +324,38 @@ def test_zero_delta_reference_is_the_base_model():
     reference.eval()
     model.train()
     assert model.training  # the reference never touches the policy's mode
+
+
+def test_without_a_trainer_the_statistics_go_in_through_on_log():
+    """A custom loop driving the callback events: no Trainer on the stack, so on_log adds the
+    statistics to the logs and to the last log_history record, and warns once."""
+    from transformers import TrainerControl, TrainerState
+
+    model, adapter, basis = _wrapped()
+    callback = VHackCallback(vhack.Projector(adapter, basis))
+    args, state, control = (
+        TrainingArguments(output_dir="unused", report_to=[]),
+        TrainerState(),
+        TrainerControl(),
+    )
+    opt = torch.optim.AdamW([adapter.delta], lr=1e-2)
+    callback.on_train_begin(args, state, control, model=model, optimizer=opt)
+    x = torch.randint(0, 256, (2, 8))
+    for _ in range(2):
+        model(input_ids=x, labels=x).loss.backward()
+        callback.on_pre_optimizer_step(args, state, control, model=model)
+        opt.step()
+        callback.on_optimizer_step(args, state, control)
+        opt.zero_grad()
+        state.global_step += 1
+    logs = {"loss": 1.0}
+    state.log_history.append({**logs, "step": state.global_step})
+    with pytest.warns(RuntimeWarning, match="no transformers Trainer"):
+        callback.on_log(args, state, control, logs=logs)
+    assert (
+        logs["vhack/cin_mean"] > 0.01
+        and state.log_history[-1]["vhack/cin_mean"] == logs["vhack/cin_mean"]
+    )
+    with pytest.raises(UsageError, match="ran twice in one optimizer step"):
+        callback.on_pre_optimizer_step(args, state, control, model=model)
+        callback.on_pre_optimizer_step(args, state, control, model=model)

@@ -19,7 +19,8 @@ max_grad_norm=1.0): the callback clips right after projecting.
 
 Statistics: every projection's cin_mean, fired, and energy removed (the fraction of the squared
 gradient norm, or update norm, the projection took out) are averaged over the optimizer steps
-between two logging steps and added to the trainer's training log as `vhack/cin_mean`,
+between two logging steps and added to the trainer's periodic training log (the one with "loss";
+steps after the last logging step stay in `callback.pop_metrics()`) as `vhack/cin_mean`,
 `vhack/fired`, `vhack/energy_removed`, `vhack/norm_before`, `vhack/norm_after`. They go in before
 the log record is written, so they reach `trainer.state.log_history`, every report_to
 integration and the console. How: at on_train_begin the callback finds the Trainer that fired
@@ -249,12 +250,13 @@ class VHackCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self._once_per_step(state, "_post_step")
-        # Fused optimizers (the Trainer's default "adamw_torch_fused" on torch >= 2.8) write the
-        # parameters without bumping their version counter, which the adapter's merged-weight
-        # cache keys on: mark dS as changed so the next forward re-merges.
-        torch.autograd.graph.increment_version(self.projector.adapter.delta)
         if self.projector.where == "update":
             self._record(self.projector.project_())
+        # Fused optimizers (the Trainer's default "adamw_torch_fused" on torch >= 2.8) write the
+        # parameters without bumping their version counter, and the update projection writes
+        # through .data; the adapter's merged-weight cache keys on that counter: mark dS as
+        # changed so that the next forward re-merges.
+        torch.autograd.graph.increment_version(self.projector.adapter.delta)
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
