@@ -81,8 +81,9 @@ def _fsdp_in_use(args) -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
 
 
-def _find_trainer():
-    """The transformers Trainer whose method is on the call stack (the one firing the event)."""
+def _find_trainer(callback):
+    """The transformers Trainer firing the current event: the nearest Trainer method on the call
+    stack whose callbacks include `callback` (None when a custom loop drives the callbacks)."""
     from transformers import Trainer
 
     frame = sys._getframe(1)
@@ -90,7 +91,9 @@ def _find_trainer():
         if frame is None:
             return None
         owner = frame.f_locals.get("self")
-        if isinstance(owner, Trainer):
+        if isinstance(owner, Trainer) and any(
+            cb is callback for cb in owner.callback_handler.callbacks
+        ):
             return owner
         frame = frame.f_back
     return None
@@ -220,7 +223,7 @@ class VHackCallback(TrainerCallback):
         self._count = 0
         self.steps = 0
         self._pre_step = self._post_step = None
-        trainer = _find_trainer()
+        trainer = _find_trainer(self)
         if trainer is not None:
             self._check_single(trainer)
             if self.log_metrics:
