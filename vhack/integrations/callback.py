@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+import vhack
 from vhack.errors import UsageError
 
 __all__ = ["METRIC_PREFIX", "VHackCallback"]
@@ -102,8 +103,7 @@ def _find_trainer(callback):
 class VHackCallback(TrainerCallback):
     """Runs a vhack projector once per optimizer step of a transformers Trainer and logs cin.
 
-    projector: a vhack.Projector (or vhack.integrations.ShardedProjector) on the adapter of the
-    model handed to the Trainer; where="grad" projects the gradient in on_pre_optimizer_step,
+    projector: a vhack.Projector on the adapter of the model handed to the Trainer; where="grad" projects the gradient in on_pre_optimizer_step,
     where="update" projects the parameter change in on_optimizer_step. max_grad_norm: None (the
     Trainer clips before the projection, transformers' order) or a positive float: clip the
     gradient to it right after the projection (needs TrainingArguments(max_grad_norm=0), so that
@@ -113,12 +113,11 @@ class VHackCallback(TrainerCallback):
     def __init__(
         self, projector, *, max_grad_norm: float | None = None, log_metrics: bool = True
     ) -> None:
-        for attr in ("adapter", "where", "project_", "snapshot"):
-            if not hasattr(projector, attr):
-                raise TypeError(
-                    "projector must be a vhack.Projector (or vhack.integrations.ShardedProjector), "
-                    f"got {type(projector).__name__}"
-                )
+        if not isinstance(projector, vhack.Projector):
+            raise TypeError(
+                f"projector must be a vhack.Projector, got {type(projector).__name__} (a "
+                "ShardedProjector is for your own FSDP2 loop: the Trainer's FSDP is not supported)"
+            )
         if max_grad_norm is not None and not (
             isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0
         ):

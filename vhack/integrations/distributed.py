@@ -27,14 +27,13 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from vhack.adapter import Adapter
-from vhack.project import Projector, ProjStats
+import vhack
 from vhack.reference import PRESERVE_MIN_RATIO
 
 __all__ = ["ShardedProjector", "all_reduce_grad", "fsdp2_shard_range"]
 
 
-def all_reduce_grad(adapter: Adapter, group=None, average: bool = True) -> torch.Tensor:
+def all_reduce_grad(adapter: vhack.Adapter, group=None, average: bool = True) -> torch.Tensor:
     """All-reduce adapter.delta.grad in place in ONE collective (mean over ranks by default);
     returns it. For dS kept replicated while the rest of the model is sharded (FSDP2 with
     ignored_params) or when no DDP averages it. Call after backward, before projecting."""
@@ -100,13 +99,13 @@ class ShardedProjector:
 
     def __init__(
         self,
-        projector: Projector,
+        projector: vhack.Projector,
         shard: tuple[int, int] | None = None,
         group=None,
         *,
         param: torch.Tensor | None = None,
     ):
-        if not isinstance(projector, Projector):
+        if not isinstance(projector, vhack.Projector):
             raise TypeError(f"projector must be a vhack.Projector, got {type(projector).__name__}")
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
@@ -123,11 +122,11 @@ class ShardedProjector:
         lo, hi = (int(x) for x in shard)
         _check_cover(lo, hi, total, group)
         self.lo, self.hi = lo, hi
-        self.last_stats: ProjStats | None = None
+        self.last_stats: vhack.ProjStats | None = None
         self._snapshot: torch.Tensor | None = None
         self._build(projector)
 
-    def _build(self, projector: Projector) -> None:
+    def _build(self, projector: vhack.Projector) -> None:
         """Per local element: its module index and its basis column, as [k_max, n_local]."""
         ranks, ks = self.adapter.ranks, projector.ks
         basis = projector.basis.detach().to("cpu", torch.float32)
@@ -173,13 +172,13 @@ class ShardedProjector:
         """Remember the local shard of dS (before an optimizer step) for where="update"."""
         self._snapshot = self._local(self.param.detach()).clone()
 
-    def project_(self, target: torch.Tensor | None = None) -> ProjStats:
+    def project_(self, target: torch.Tensor | None = None) -> vhack.ProjStats:
         return self._run(target, self.projector.mode)
 
-    def measure(self, target: torch.Tensor | None = None) -> ProjStats:
+    def measure(self, target: torch.Tensor | None = None) -> vhack.ProjStats:
         return self._run(target, "measure")
 
-    def _run(self, target, mode: str) -> ProjStats:
+    def _run(self, target, mode: str) -> vhack.ProjStats:
         if target is not None:
             stats = self._project_local(self._local(target), mode)
         elif self.where == "grad":
@@ -210,7 +209,7 @@ class ShardedProjector:
         return stats
 
     # ---- the projection ----------------------------------------------------------------------------
-    def _project_local(self, g: torch.Tensor, mode: str) -> ProjStats:
+    def _project_local(self, g: torch.Tensor, mode: str) -> vhack.ProjStats:
         M, K = self.n_modules, max(self.k_max, 1)
         alpha = self.projector.alpha
         with torch.no_grad():
@@ -258,7 +257,7 @@ class ShardedProjector:
                 ],
                 dim=1,
             )
-        return ProjStats(
+        return vhack.ProjStats(
             self.adapter.names, raw, self._projected, one_sided=self.projector.mode == "hackward"
         )
 

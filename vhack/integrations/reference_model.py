@@ -22,18 +22,23 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from vhack.adapter import Adapter
+import vhack
 
 __all__ = ["ZeroDeltaReference", "use_zero_delta_reference", "zero_delta"]
 
 
+def _check_adapter(adapter) -> None:
+    if not isinstance(adapter, vhack.Adapter):
+        raise TypeError(f"adapter must be a vhack.Adapter (from vhack.wrap), got {adapter!r}")
+    if not any(p is adapter.delta for p in adapter.model.parameters()):
+        raise ValueError("this adapter was unwrapped or merged: wrap the model again")
+
+
 @contextmanager
-def zero_delta(adapter: Adapter) -> Iterator[nn.Module]:
+def zero_delta(adapter: vhack.Adapter) -> Iterator[nn.Module]:
     """Run adapter.model as if dS were 0 (dense forward through the original weights); yields the
     model. dS itself is not touched, and no dS gradient flows inside the block."""
-    if not isinstance(adapter, Adapter):
-        raise TypeError(f"adapter must be a vhack.Adapter (from vhack.wrap), got {adapter!r}")
-    adapter._check_attached()
+    _check_adapter(adapter)
     saved = {name: mod.generation_weight for name, mod in adapter.modules.items()}
     for mod in adapter.modules.values():
         mod.generation_weight = mod.base_weight.detach()
@@ -49,10 +54,9 @@ class ZeroDeltaReference(nn.Module):
     torch.no_grad(). Holds no parameters of its own (the model is not registered as a submodule,
     so .eval()/.to() on the reference never touch the policy). `config` is the model's config."""
 
-    def __init__(self, adapter: Adapter) -> None:
+    def __init__(self, adapter: vhack.Adapter) -> None:
         super().__init__()
-        if not isinstance(adapter, Adapter):
-            raise TypeError(f"adapter must be a vhack.Adapter (from vhack.wrap), got {adapter!r}")
+        _check_adapter(adapter)
         object.__setattr__(self, "adapter", adapter)
         object.__setattr__(self, "config", getattr(adapter.model, "config", None))
 
@@ -64,7 +68,7 @@ class ZeroDeltaReference(nn.Module):
         return f"dS = 0 view of {type(self.adapter.model).__name__}"
 
 
-def use_zero_delta_reference(trainer, adapter: Adapter, beta: float) -> ZeroDeltaReference:
+def use_zero_delta_reference(trainer, adapter: vhack.Adapter, beta: float) -> ZeroDeltaReference:
     """Give a TRL GRPOTrainer built with beta = 0 a KL term against the dS = 0 reference.
 
     Sets trainer.beta and trainer.ref_model (TRL reads both at every step); returns the reference.

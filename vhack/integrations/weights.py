@@ -15,22 +15,24 @@ from collections.abc import Iterator
 
 import torch
 
-from vhack.adapter import STORE_NAME, Adapter
+import vhack
 
 __all__ = ["merged_named_parameters", "merged_state_dict", "patch_vllm_sync"]
 
 
-def _renames(adapter: Adapter) -> tuple[dict[str, str], set[str]]:
-    """({wrapped name: dense name} for every base weight, wrapped names that do not exist densely)."""
-    if not isinstance(adapter, Adapter):
+def _renames(adapter: vhack.Adapter) -> tuple[dict[str, str], set[str]]:
+    """({wrapped name: dense name} for every base weight, wrapped names that do not exist densely:
+    the packed dS)."""
+    if not isinstance(adapter, vhack.Adapter):
         raise TypeError(f"adapter must be a vhack.Adapter (from vhack.wrap), got {adapter!r}")
-    adapter._check_attached()
+    store = [n for n, p in adapter.model.named_parameters() if p is adapter.delta]
+    if not store:
+        raise ValueError("this adapter was unwrapped or merged: wrap the model again")
     renames = {f"{name}.base_weight": f"{name}.weight" for name in adapter.modules}
-    first = next(iter(adapter.modules))
-    return renames, {f"{first}.{STORE_NAME}.delta"}
+    return renames, set(store)
 
 
-def merged_named_parameters(adapter: Adapter) -> Iterator[tuple[str, torch.Tensor]]:
+def merged_named_parameters(adapter: vhack.Adapter) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) as the dense (unwrapped, merged) model's named_parameters() would:
     same names and order, tied parameters once; wrapped Linears give their merged weight W_eff in
     the weight's dtype (at dS = 0, the original weight itself), everything else its data. Detached,
@@ -46,7 +48,7 @@ def merged_named_parameters(adapter: Adapter) -> Iterator[tuple[str, torch.Tenso
             yield name, param.detach()
 
 
-def merged_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
+def merged_state_dict(adapter: vhack.Adapter) -> dict[str, torch.Tensor]:
     """The dense model's state_dict(): what `adapter.merge()` followed by `model.state_dict()`
     would give, without changing the model. Same keys and order (persistent buffers included, tied
     weights under each of their names); values detached (merged weights are fresh tensors, the
@@ -64,7 +66,7 @@ def merged_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
     return out
 
 
-def patch_vllm_sync(vllm_generation, adapter: Adapter) -> None:
+def patch_vllm_sync(vllm_generation, adapter: vhack.Adapter) -> None:
     """Make TRL's VLLMGeneration (trainer.vllm_generation) sync merged dense weights.
 
     TRL streams `model.named_parameters()` to vLLM, which for a wrapped model would be the
