@@ -38,17 +38,23 @@ def test_merged_weights_equal_the_dense_model_under_its_names():
     assert [n for n, _ in named] == [n for n, _ in dense.named_parameters()]
 
 
-def test_vllm_weight_sync_sends_the_merged_dense_weights():
-    pytest.importorskip("trl")
+@pytest.mark.parametrize("mode", ["server", "colocate"])
+def test_vllm_weight_sync_sends_the_merged_dense_weights(mode):
+    pytest.importorskip("trl", reason="TRL is not installed (pip install 'vhack-kernels[trl]')")
+    from types import SimpleNamespace
+
     from accelerate import Accelerator
     from trl.generation.vllm_generation import VLLMGeneration
 
-    class FakeClient:  # stands in for trl's VLLMClient (server mode): records what it receives
+    class Engine:  # stands in for vLLM: the server's client, or the colocated LLM's model
         def __init__(self) -> None:
             self.received, self.metadata, self.resets = {}, None, 0
 
-        def update_named_params(self, metadata, params):
-            self.metadata = metadata
+        def update_named_params(self, metadata, params):  # VLLMClient (server mode)
+            self.metadata = [m[0] for m in metadata]
+            self.load_weights(params)
+
+        def load_weights(self, params):  # the vLLM model's load_weights (colocate mode)
             for name, tensor in params:
                 self.received[name] = tensor.clone()
 
@@ -56,19 +62,27 @@ def test_vllm_weight_sync_sends_the_merged_dense_weights():
             self.resets += 1
 
     class Generation(VLLMGeneration):
-        def _init_vllm(self):  # no vLLM here: the client is the stand-in
-            self.vllm_client = FakeClient()
+        def _init_vllm(self):  # no vLLM here: the stand-in takes its place
+            self.engine = Engine()
+            self.vllm_client = self.engine
+            runner = SimpleNamespace(model_runner=SimpleNamespace(model=self.engine))
+            self.llm = SimpleNamespace(
+                llm_engine=SimpleNamespace(model_executor=SimpleNamespace(driver_worker=runner)),
+                reset_prefix_cache=self.engine.reset_prefix_cache,
+            )
 
     model, adapter, dense = _trained()
-    generation = Generation(model, Accelerator(cpu=True), vhack.models.byte_tokenizer(), "server")
+    generation = Generation(model, Accelerator(cpu=True), vhack.models.byte_tokenizer(), mode)
     patch_vllm_sync(generation, adapter)
     generation.sync_weights()  # TRL's own sync code
-    client = generation.vllm_client
+    engine = generation.engine
     expected = dict(dense.named_parameters())
-    assert list(client.received) == list(expected)
+    assert list(engine.received) == list(expected)
     for name, tensor in expected.items():
-        torch.testing.assert_close(client.received[name], tensor.detach(), msg=name)
-    assert [m[0] for m in client.metadata] == list(expected) and client.resets == 1
+        torch.testing.assert_close(engine.received[name], tensor.detach(), msg=name)
+    assert engine.resets == 1
+    if mode == "server":
+        assert engine.metadata == list(expected)
 
     with pytest.raises(ValueError, match="does not drive the wrapped model"):
         patch_vllm_sync(generation, _wrapped(1)[1])
