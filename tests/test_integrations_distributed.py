@@ -147,8 +147,11 @@ def _batches():
 
 
 def _train(model, adapter, proj, batches, step_grad) -> torch.Tensor:
-    """AdamW on dS, projecting every step; step_grad(batch) runs forward + backward (+ sync)."""
-    opt = torch.optim.AdamW([adapter.delta], lr=1e-2, foreach=True)
+    """SGD on dS, projecting every step; step_grad(batch) runs forward + backward (+ sync).
+
+    SGD, not Adam: Adam's m / sqrt(v) turns a near-zero gradient element into a full +-lr step
+    whose sign float32 summation order decides, so two correct runs can differ by ~lr there."""
+    opt = torch.optim.SGD([adapter.delta], lr=1.0)
     model.train()
     for batch in batches:
         opt.zero_grad()
