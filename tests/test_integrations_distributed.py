@@ -61,7 +61,7 @@ def _sharded_errors(rank: int, cut: int) -> dict:
     for mode in MODES:
         for preserve in (False, True):
             proj = vhack.Projector(
-                adapter, basis, mode=mode, alpha=0.7, preserve_magnitude=preserve
+                adapter, basis, mode=mode, alpha=0.7, preserve_magnitude=preserve, partial=True
             )
             single = full.clone()
             expected = proj.project_(single)
@@ -75,7 +75,7 @@ def _sharded_errors(rank: int, cut: int) -> dict:
                 abs(got.fired - expected.fired),
             )
     # where="update": the change of dS over a step, projected on shards
-    proj = vhack.Projector(adapter, basis, mode="hackward", where="update")
+    proj = vhack.Projector(adapter, basis, mode="hackward", where="update", partial=True)
     start = torch.randn(R, generator=g)
     change = torch.randn(R, generator=g)
     with torch.no_grad():
@@ -108,7 +108,7 @@ def _bad_cover_message(rank: int, shards) -> str:
     _, adapter, basis = _wrapped()
     shards = [(lo, adapter.delta.numel() if hi is None else hi) for lo, hi in shards]
     try:
-        ShardedProjector(vhack.Projector(adapter, basis), shards[rank])
+        ShardedProjector(vhack.Projector(adapter, basis, partial=True), shards[rank])
     except ValueError as err:
         return str(err)
     return "no error"
@@ -163,7 +163,7 @@ def _train(model, adapter, proj, batches, step_grad) -> torch.Tensor:
 
 def _single_process_delta(mode: str) -> torch.Tensor:
     model, adapter, basis = _wrapped()
-    proj = vhack.Projector(adapter, basis, mode=mode)
+    proj = vhack.Projector(adapter, basis, mode=mode, partial=True)
     return _train(
         model, adapter, proj, _batches(), lambda b: model(input_ids=b, labels=b).loss.backward()
     )
@@ -174,7 +174,7 @@ def _ddp(rank: int, world: int) -> dict:
 
     model, adapter, basis = _wrapped()
     ddp = DDP(model)
-    proj = vhack.Projector(adapter, basis, mode="hackward")  # unchanged: DDP averaged the grad
+    proj = vhack.Projector(adapter, basis, partial=True)  # unchanged: DDP averaged the grad
 
     def step(batch):
         half = batch.chunk(world)[rank]
@@ -192,7 +192,7 @@ def _fsdp2(rank: int, world: int, sharded: bool) -> dict:
 
     model, adapter, basis = _wrapped()
     mesh = init_device_mesh("cpu", (world,))
-    proj = vhack.Projector(adapter, basis, mode="hackward")
+    proj = vhack.Projector(adapter, basis, partial=True)
     if sharded:
         fully_shard(model, mesh=mesh)
         runner = ShardedProjector(proj)  # shard range read from the DTensor dS

@@ -288,10 +288,10 @@ class VHackCallback(TrainerCallback):
 
     # ---- statistics -----------------------------------------------------------------------------
     def _record(self, stats) -> None:
-        before2, after2 = stats.raw[:, 2:4].double().square().sum(0).tolist()
-        removed = (before2 - after2) / before2 if before2 > 0 else 0.0
-        row = (stats.cin_mean, stats.fired, removed, before2**0.5, after2**0.5)
-        self._sums += torch.tensor(row, dtype=torch.float64)
+        values = stats.as_dict()
+        if values["norm_before"] == 0:  # a zero gradient: nothing removed (ProjStats says NaN)
+            values["energy_removed"] = 0.0
+        self._sums += torch.tensor([values[f] for f in _FIELDS], dtype=torch.float64)
         self._count += 1
         self.steps += 1
 
