@@ -10,7 +10,11 @@ import torch
 import vhack
 from tests._dist import run_distributed
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # the test basis leaves some modules out on purpose (statistics-only modules)
+    pytest.mark.filterwarnings("ignore:partial basis:UserWarning"),
+]
 
 MODES = ("hackward", "both", "reverse", "measure")
 

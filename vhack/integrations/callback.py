@@ -254,11 +254,6 @@ class VHackCallback(TrainerCallback):
         self._once_per_step(state, "_post_step")
         if self.projector.where == "update":
             self._record(self.projector.project_())
-        # Fused optimizers (the Trainer's default "adamw_torch_fused" on torch >= 2.8) write the
-        # parameters without bumping their version counter, and the update projection writes
-        # through .data; the adapter's merged-weight cache keys on that counter: mark dS as
-        # changed so that the next forward re-merges.
-        torch.autograd.graph.increment_version(self.projector.adapter.delta)
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -125,25 +125,6 @@ class ShardedProjector:
         self.last_stats: vhack.ProjStats | None = None
         self._snapshot: torch.Tensor | None = None
         self._build(projector)
-        # FSDP2 all-gathers the new dS values into the same unsharded buffer without bumping its
-        # version counter, which the adapter's merged-weight cache keys on: after every
-        # projection, the next forward of a wrapped module marks dS as changed (once).
-        self._stale = False
-        self._hooks = [
-            module.register_forward_pre_hook(self._invalidate_merges)
-            for module in self.adapter.modules.values()
-        ]
-
-    def _invalidate_merges(self, module, args) -> None:
-        if self._stale:
-            self._stale = False
-            torch.autograd.graph.increment_version(self.adapter.delta)
-
-    def close(self) -> None:
-        """Remove the forward hooks (the projector is unusable afterwards)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
 
     def _build(self, projector: vhack.Projector) -> None:
         """Per local element: its module index and its basis column, as [k_max, n_local]."""
@@ -216,7 +197,10 @@ class ShardedProjector:
                     local.copy_(self._snapshot - u)
                 self._snapshot = None
         self.last_stats = stats
-        self._stale = True
+        # The merged weights cached from dS must not outlive this step: under FSDP2 the next
+        # forward all-gathers the new values into the same unsharded buffer, a write the
+        # adapter's cache cannot see by itself (host-side counter, no device work).
+        self.adapter.invalidate()
         on_nonfinite = self.projector.on_nonfinite
         if on_nonfinite != "ignore" and not stats.all_finite():  # global stats: same on every rank
             message = (
