@@ -1,0 +1,91 @@
+"""Merged dense weights under the base model's names: what an inference engine (vLLM) must receive.
+
+A wrapped model's own parameters are `<module>.base_weight` (the original weight), the packed
+`<first module>.vhack_store.delta`, and the untouched rest. An engine that loads the base
+architecture needs `<module>.weight = W + U diag(dS) Vh` instead, under the names the unwrapped
+model has. `merged_named_parameters` yields exactly the dense model's `named_parameters()` (names,
+order, values), one merged weight at a time; `merged_state_dict` gives the dense model's full
+`state_dict()`. `patch_vllm_sync` makes TRL's vLLM weight sync (server and colocate mode) send
+them (`VHackCallback` calls it when the trainer has use_vllm=True).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+import vhack
+
+__all__ = ["merged_named_parameters", "merged_state_dict", "patch_vllm_sync"]
+
+
+def _renames(adapter: vhack.Adapter) -> tuple[dict[str, str], set[str]]:
+    """({wrapped name: dense name} for every base weight, wrapped names that do not exist densely:
+    the packed dS)."""
+    if not isinstance(adapter, vhack.Adapter):
+        raise TypeError(f"adapter must be a vhack.Adapter (from vhack.wrap), got {adapter!r}")
+    store = [n for n, p in adapter.model.named_parameters() if p is adapter.delta]
+    if not store:
+        raise ValueError("this adapter was unwrapped or merged: wrap the model again")
+    renames = {f"{name}.base_weight": f"{name}.weight" for name in adapter.modules}
+    return renames, set(store)
+
+
+def merged_named_parameters(adapter: vhack.Adapter) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) as the dense (unwrapped, merged) model's named_parameters() would:
+    same names and order, tied parameters once; wrapped Linears give their merged weight W_eff in
+    the weight's dtype (at dS = 0, the original weight itself), everything else its data. Detached,
+    no copies beyond the merges; each merge is cached by the module until dS changes."""
+    renames, dropped = _renames(adapter)
+    weights = {f"{name}.base_weight": mod for name, mod in adapter.modules.items()}
+    for name, param in adapter.model.named_parameters():
+        if name in dropped:
+            continue
+        if name in weights:
+            yield renames[name], weights[name].merged_weight()
+        else:
+            yield name, param.detach()
+
+
+def merged_state_dict(adapter: vhack.Adapter) -> dict[str, torch.Tensor]:
+    """The dense model's state_dict(): what `adapter.merge()` followed by `model.state_dict()`
+    would give, without changing the model. Same keys and order (persistent buffers included, tied
+    weights under each of their names); values detached (merged weights are fresh tensors, the
+    rest share storage with the model)."""
+    renames, dropped = _renames(adapter)
+    weights = {f"{name}.base_weight": mod for name, mod in adapter.modules.items()}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in adapter.model.state_dict(keep_vars=False).items():
+        if name in dropped:
+            continue
+        if name in weights:
+            out[renames[name]] = weights[name].merged_weight()
+        else:
+            out[name] = tensor
+    return out
+
+
+def patch_vllm_sync(vllm_generation, adapter: vhack.Adapter) -> None:
+    """Make TRL's VLLMGeneration (trainer.vllm_generation) sync merged dense weights.
+
+    TRL streams `model.named_parameters()` to vLLM, which for a wrapped model would be the
+    `base_weight`/`delta` names the engine does not know. This replaces, on that instance only,
+    the iterator its `sync_weights` reads (server and colocate mode) with
+    `merged_named_parameters(adapter)`. FSDP/DeepSpeed-sharded syncs are not covered (the
+    callback refuses those setups).
+    """
+    model = getattr(vllm_generation, "model", None)
+    if model is not adapter.model:
+        raise ValueError(
+            "the vLLM generator does not drive the wrapped model of this adapter; pass the "
+            "trainer's vllm_generation and the adapter of the model given to the trainer"
+        )
+    fix = getattr(vllm_generation, "_fix_param_name_to_vllm", lambda name: name)
+
+    def iter_named_params():
+        for name, tensor in merged_named_parameters(adapter):
+            yield fix(name), tensor
+
+    vllm_generation._iter_named_params = iter_named_params
+    vllm_generation._weight_metadata = None  # recollected under the new names
