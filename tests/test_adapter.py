@@ -401,3 +401,37 @@ def test_segment_grads_backward_after_the_block(tiny):
     adapter.delta.grad = None
     model(input_ids=IDS, labels=IDS).loss.backward()  # outside: a plain backward again
     assert adapter.delta.grad.abs().sum() > 0
+
+
+def test_base_bypasses_delta_and_merged_state_dict_is_the_dense_model(tiny):
+    """adapter.base() runs the base model whatever dS holds (the KL reference), nests with
+    merged(); merged_state_dict() equals merge() then state_dict(), without changing the model."""
+    model, tok = tiny
+    ids = tok(["TASK: reverse abc ->"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = model(ids).logits.clone()
+    adapter = vhack.wrap(model, progress=False)
+    with torch.no_grad():
+        adapter.delta.normal_(generator=torch.Generator().manual_seed(0)).mul_(0.05)
+    adapter.invalidate()
+    with torch.no_grad():
+        moved = model(ids).logits
+        with adapter.base():
+            base = model(ids).logits
+        with adapter.merged(), adapter.base():
+            nested = model(ids).logits
+        with adapter.merged():
+            with adapter.base():
+                pass
+            merged = model(ids).logits
+    assert not torch.allclose(moved, want, atol=1e-4)
+    assert torch.equal(base, want) and torch.equal(nested, want)
+    assert_close(merged, moved, rtol=1e-4, atol=1e-4)  # the outer block's weights came back
+    dense = adapter.merged_state_dict()
+    delta = adapter.delta.detach().clone()
+    adapter.merge()
+    expected = model.state_dict()
+    assert list(dense) == list(expected)
+    for name, tensor in expected.items():
+        assert_close(dense[name], tensor, rtol=1e-5, atol=1e-6, name=name)
+    assert delta.abs().sum() > 0

@@ -492,6 +492,31 @@ class Adapter:
             for mod in self.modules.values():
                 mod.generation_weight = None
 
+    @contextmanager
+    def base(self) -> Iterator[nn.Module]:
+        """Run the model as the base model (dS bypassed: a dense forward through the original
+        weights, whatever dS holds); yields the model. The exact KL reference of RL fine-tuning
+        without a second copy. dS is not touched and gets no gradient inside the block; nesting
+        inside `merged()` (or the reverse) is fine: the outer block's weights come back after."""
+        self._check_attached()
+        saved = [mod.generation_weight for mod in self.modules.values()]
+        for mod in self.modules.values():
+            mod.generation_weight = mod.base_weight.detach()
+        try:
+            yield self.model
+        finally:
+            for mod, weight in zip(self.modules.values(), saved, strict=True):
+                mod.generation_weight = weight
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The dense model's state_dict (what `merge()` then `model.state_dict()` would give)
+        without changing the model: same keys and order, wrapped Linears' weights merged
+        (W + U diag(dS) Vh in the weight's dtype), everything else shared with the model. For
+        pushing weights to an inference engine (vLLM); see vhack.integrations.weights."""
+        from vhack.integrations.weights import merged_state_dict
+
+        return merged_state_dict(self)
+
     def unwrap(self) -> nn.Module:
         """Put the original nn.Linear modules back (weights unchanged), restore every parameter's
         requires_grad, and remove the dS store. Returns the model."""

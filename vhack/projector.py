@@ -403,6 +403,11 @@ class Projector:
         return self._finish(stats)
 
     # ---- optimizer hooks -------------------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        """Whether attach() installed optimizer hooks that are still in place."""
+        return bool(self._hooks)
+
     def attach(self, optimizer: torch.optim.Optimizer) -> Projector:
         """Run inside every optimizer.step(): where="grad" projects the gradient just before the
         step (after any gradient clipping you do outside the step: to project before clipping,

@@ -179,7 +179,7 @@ class VHackCallback(TrainerCallback):
                     "from the wrapped model (only dS is trainable), or pass an optimizer over "
                     "adapter.delta"
                 )
-        if getattr(self.projector, "_hooks", None):
+        if self.projector.attached:
             raise UsageError(
                 "the projector is also attached to an optimizer (projector.attach): it would "
                 "project twice per step; call projector.detach() and let the callback run it"

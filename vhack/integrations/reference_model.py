@@ -16,9 +16,6 @@ the trainer with beta = 0 and switch the KL on afterwards:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
@@ -34,19 +31,11 @@ def _check_adapter(adapter) -> None:
         raise ValueError("this adapter was unwrapped or merged: wrap the model again")
 
 
-@contextmanager
-def zero_delta(adapter: vhack.Adapter) -> Iterator[nn.Module]:
+def zero_delta(adapter: vhack.Adapter):
     """Run adapter.model as if dS were 0 (dense forward through the original weights); yields the
-    model. dS itself is not touched, and no dS gradient flows inside the block."""
+    model: `adapter.base()`, after checking the adapter is still attached."""
     _check_adapter(adapter)
-    saved = {name: mod.generation_weight for name, mod in adapter.modules.items()}
-    for mod in adapter.modules.values():
-        mod.generation_weight = mod.base_weight.detach()
-    try:
-        yield adapter.model
-    finally:
-        for name, mod in adapter.modules.items():
-            mod.generation_weight = saved[name]
+    return adapter.base()
 
 
 class ZeroDeltaReference(nn.Module):
