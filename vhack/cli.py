@@ -284,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-seed", type=int, default=0, help="seed of the resampling")
     p.add_argument("--out-dir", default="vhack-validation", help="where the report goes")
     p.set_defaults(func=_cmd_validate)
+
+    from vhack.grpo.cli import add_demo_parser, add_train_parser
+
+    add_demo_parser(sub)
+    add_train_parser(sub)
     return parser
 
 
