@@ -3,6 +3,8 @@ the CLI) before any work starts."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -77,13 +79,15 @@ def test_train_cli_bad_names(capsys, tmp_path):
     assert "no checkpoint" in one_line_error(capsys, ["train", "--resume", "--out", out])
 
 
-def test_train_cli_rejects_a_basis_from_another_model(capsys, tmp_path):
-    # a basis of the toy model (hidden 128) given to the tiny model (hidden 64)
-    model = toy_model(seed=0)
+@pytest.mark.parametrize("source", ["toy", "tiny-seed1"])
+def test_train_cli_rejects_a_basis_from_another_model(capsys, tmp_path, source):
+    # a basis of the toy model (other shapes) or of the tiny model with other weights (seed 1),
+    # given to the tiny model of seed 0
     tok = vhack.models.byte_tokenizer()
+    model = toy_model(seed=0) if source == "toy" else vhack.models.tiny_model(seed=1)
     adapter = vhack.wrap(model, targets="all-linear", use_cache=False, progress=False)
     basis = vhack.extract(adapter, tok, ToyEnv().hack_pairs(), top_k=2, n_heldout=0, progress=False)
-    path = basis.save(tmp_path / "toy_basis.safetensors")
+    path = basis.save(tmp_path / "other_basis.safetensors")
     err = one_line_error(
         capsys,
         [
@@ -94,17 +98,29 @@ def test_train_cli_rejects_a_basis_from_another_model(capsys, tmp_path):
             str(path),
             "--k",
             "2",
+            "--top-k",
+            "2",
+            "--quiet",
             "--out",
             str(tmp_path / "r"),
         ],
     )
-    assert "--basis" in err and "mismatch" in err
+    assert f"--basis {path}" in err and "mismatch" in err and "extract one for this model" in err
 
 
 def test_train_cli_max_tokens_beyond_positions(capsys, tmp_path):
     err = one_line_error(
         capsys,
-        ["train", "--model", "tiny", "--max-new-tokens", "5000", "--out", str(tmp_path / "r")],
+        [
+            "train",
+            "--model",
+            "tiny",
+            "--max-new-tokens",
+            "5000",
+            "--quiet",
+            "--out",
+            str(tmp_path / "r"),
+        ],
     )
     assert "exceed the model's 2048 positions" in err
     assert not (tmp_path / "r").exists()  # nothing written
@@ -119,3 +135,19 @@ def test_demo_cli_bad_input(capsys, tmp_path):
     assert "must not repeat" in one_line_error(capsys, ["demo", "--seeds", "0,0", "--out", out])
     (tmp_path / "file").write_text("x")
     assert "is a file" in one_line_error(capsys, ["demo", "--out", str(tmp_path / "file")])
+
+
+def test_train_cli_runs_checkpoints_and_resumes(capsys, tmp_path):
+    out = tmp_path / "run"
+    common = ["train", "--model", "tiny", "--out", str(out), "--quiet", "--k", "2", "--top-k", "2"]
+    small = ["--group-size", "2", "--prompts-per-step", "2", "--checkpoint-every", "1"]
+    assert main([*common, *small, "--steps", "2"]) == 0
+    assert (out / "delta.safetensors").exists() and (out / "hack_basis.safetensors").exists()
+    assert "already holds a run" in one_line_error(capsys, [*common, *small, "--steps", "3"])
+    assert main([*common, *small, "--steps", "3", "--resume"]) == 0
+    steps = [json.loads(x)["step"] for x in (out / "history.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [
+        "checkpoint-0000002",
+        "checkpoint-0000003",
+    ]

@@ -188,7 +188,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             try:
                 basis = vhack.HackBasis.load(args.basis, adapter, k=config.k)
             except ValueError as err:
-                raise UsageError(f"--basis {args.basis}: {err}") from err
+                raise UsageError(
+                    f"--basis {args.basis}: {err}; a basis fits only the model it was extracted "
+                    "from: extract one for this model (vhack extract) or omit --basis"
+                ) from err
         else:
             basis_file = out / "hack_basis.safetensors"
             if args.resume and basis_file.exists():
