@@ -371,7 +371,7 @@ def run_demo(
         validation=validation,
         machine={
             "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
+            "processor": _cpu_name(),
             "cpus": os.cpu_count(),
             "workers": min(workers, max(n_runs, 1)),
             "torch_threads_per_process": 1,
@@ -525,6 +525,18 @@ def plot_history(history: list[dict], settings: DemoSettings, path: Path) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _validation_summary(report: dict) -> dict:
