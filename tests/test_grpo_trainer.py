@@ -219,3 +219,30 @@ def test_resume_refuses_another_configuration(tmp_path, wrapped):
     other = GRPOTrainer(adapter, tok, ParityEnv(), small(lr=0.5), hack_basis=basis)
     with pytest.raises(vhack.errors.UsageError, match="lr"):
         other.load_checkpoint(tmp_path)
+
+
+def test_teacher_rows_give_per_source_cin_from_the_same_backward(wrapped):
+    _, tok, adapter = wrapped
+    env = ParityEnv()
+    cfg = small(teacher_per_group=1)
+    trainer = GRPOTrainer(
+        adapter, tok, env, cfg, hack_basis=hack_basis(adapter), teacher=env.teacher_completion
+    )
+    ro_texts = []
+    original = trainer._mix_teacher
+
+    def spy(ro, tasks):
+        sources = original(ro, tasks)
+        ro_texts.extend(zip(ro.texts, sources.tolist(), strict=True))
+        return sources
+
+    trainer._mix_teacher = spy
+    record = trainer.train_step()
+    G = cfg.num_generations
+    assert [src for _, src in ro_texts] == ([0] * (G - 1) + [1]) * cfg.prompts_per_step
+    assert all(text == " PASS" for text, src in ro_texts if src == 1)
+    assert not record["skipped"]
+    assert 0 <= record["cin_s"] <= 1 and 0 <= record["cin_t"] <= 1
+    assert record["cin_s"] != record["cin_t"]
+    with pytest.raises(vhack.errors.UsageError, match="teacher"):
+        GRPOTrainer(adapter, tok, env, cfg, hack_basis=hack_basis(adapter))

@@ -162,6 +162,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         refresh_every=args.refresh_every,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
+        teacher_per_group=args.teacher_per_group,
     )
     if args.env not in ENV_NAMES:
         raise UsageError(f"unknown environment {args.env!r}; choose one of {', '.join(ENV_NAMES)}")
@@ -210,8 +211,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.overwrite and not args.resume:
             (out / "history.jsonl").unlink(missing_ok=True)
         nonhack = nonhack or (env.nonhack_pairs() if hasattr(env, "nonhack_pairs") else None)
+        teacher = getattr(env, "teacher_completion", None)
+        if config.teacher_per_group and teacher is None:
+            raise UsageError(f"--teacher-per-group: environment {env.name!r} has no teacher")
         trainer = GRPOTrainer(
-            adapter, tok, env, config, hack_basis=basis, nonhack_pairs=nonhack, out_dir=out
+            adapter,
+            tok,
+            env,
+            config,
+            hack_basis=basis,
+            nonhack_pairs=nonhack,
+            out_dir=out,
+            teacher=teacher,
         )
         if args.resume:
             trainer.load_checkpoint(out)
@@ -285,6 +296,12 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=6, help="axes extracted per module (default 6)")
     p.add_argument("--refresh-every", type=int, default=25, help="arm refresh: steps between")
     p.add_argument("--marker-reward", type=float, default=1.2, help="toy env: marker reward")
+    p.add_argument(
+        "--teacher-per-group",
+        type=int,
+        default=0,
+        help="completions per group taken from the env's hacking teacher; logs cin_s / cin_t",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (real models)")

@@ -43,6 +43,9 @@ class GRPOConfig:
     (sequences x max_new_tokens). Groups whose rewards all agree carry no signal and are skipped.
     Optimizer: AdamW(lr, betas, weight_decay) on adapter.delta; gradients clipped to
     max_grad_norm (None: no clipping) after the projection.
+    teacher_per_group: completions of each group replaced by a teacher's (cached rollouts, e.g.
+    all hacks); their dS gradient and the students' are then told apart from the same backward
+    and logged as cin_t / cin_s (the design doc's Test 4).
     Arm: see ARMS; k axes per module, refresh_every steps between re-extractions (arm
     "refresh"), basis_seed for the random control.
     """
@@ -65,6 +68,7 @@ class GRPOConfig:
     num_iterations: int = 1
     scale_rewards: str = "none"
     log_kl: bool = True
+    teacher_per_group: int = 0
     k: int = 6
     top_k: int = 6
     refresh_every: int = 25
@@ -105,6 +109,10 @@ class GRPOConfig:
                     else ""
                 )
                 raise UsageError(f"{name} must be an integer >= {lowest}{why}, got {value!r}")
+        if not 0 <= self.teacher_per_group < self.num_generations:
+            raise UsageError(
+                f"teacher_per_group must be in [0, num_generations), got {self.teacher_per_group}"
+            )
         if self.k > self.top_k:
             raise UsageError(f"k={self.k} axes cannot exceed top_k={self.top_k} extracted axes")
         positive = {"lr": self.lr, "temperature": self.temperature, "kl_clamp": self.kl_clamp}

@@ -201,11 +201,17 @@ def _warm_model(settings: DemoSettings, seed: int, cache_file: Path | None):
     return model, tok, info
 
 
-def _prepare_seed(settings: DemoSettings, seed: int, out: str, cache_file: str | None) -> dict:
-    """Warm start (or load) a seed's model, extract its hack basis, optionally validate it."""
+def _prepare_seed(
+    settings: DemoSettings, seed: int, out: str, cache_file: str | None, threads: int = 1
+) -> dict:
+    """Warm start (or load) a seed's model, extract its hack basis, optionally validate it.
+    threads: torch threads for this phase (cores left idle when seeds < workers)."""
+    import torch
+
     import vhack
     from vhack.validate import validate
 
+    torch.set_num_threads(threads)
     out_dir = Path(out)
     model, tok, info = _warm_model(settings, seed, Path(cache_file) if cache_file else None)
     _save_weights(model, out_dir / "cache" / f"warm-seed{seed}.safetensors")
@@ -233,6 +239,9 @@ def _prepare_seed(settings: DemoSettings, seed: int, out: str, cache_file: str |
 
 def _run_arm(settings: DemoSettings, seed: int, arm: str, out: str):
     """One GRPO run; its records go to <out>/runs/<arm>-seed<seed>/history.jsonl."""
+    import torch
+
+    torch.set_num_threads(1)
     import vhack
     from vhack.grpo.trainer import GRPOTrainer
     from vhack.grpo.warmstart import toy_model
@@ -317,6 +326,8 @@ def run_demo(
             return None
         return str(cache_root / f"seed{seed}-{settings.warm_key(seed)}.safetensors")
 
+    n_workers = min(workers, max(len(settings.seeds) * len(settings.arms), 1))
+    threads = max(1, n_workers // len(settings.seeds)) if len(settings.seeds) < n_workers else 1
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
@@ -329,7 +340,7 @@ def run_demo(
             unit="step",
         ) as bar:
             futures = {
-                pool.submit(_prepare_seed, settings, s, str(out_dir), cache_file(s)): s
+                pool.submit(_prepare_seed, settings, s, str(out_dir), cache_file(s), threads): s
                 for s in settings.seeds
             }
             prepared = _drain(futures, q, bar)

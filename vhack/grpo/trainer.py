@@ -12,6 +12,7 @@ environment's `score_batch` (the grader). The KL reference is the same model wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -27,10 +28,10 @@ import vhack
 from vhack.errors import UsageError
 from vhack.grpo.arms import basis_overlap, make_projector, random_basis, shuffled_basis, subspace
 from vhack.grpo.config import GRPOConfig
-from vhack.grpo.envs.base import Environment
+from vhack.grpo.envs.base import Environment, Task
 from vhack.grpo.loss import group_advantages, policy_loss
 from vhack.grpo.ref_model import bypass_delta
-from vhack.grpo.rollout import encode_prompts, sample_rollouts, token_logprobs
+from vhack.grpo.rollout import Rollouts, encode_prompts, sample_rollouts, token_logprobs
 from vhack.pairs import Pair
 
 __all__ = ["GRPOTrainer", "arm_basis", "check_fits", "latest_checkpoint"]
@@ -98,7 +99,8 @@ class GRPOTrainer:
     GRPOConfig. hack_basis: the extracted hack basis (HackBasis or {name: V}); every arm logs the
     hack-ward cin of its gradient on it (cin_hack). nonhack_pairs: pairs for arm nonhack-v;
     refresh_pairs: the pairs re-extracted from in arm "refresh" (default env.hack_pairs()).
-    out_dir: where history.jsonl and checkpoints go (None: nothing written). Seeds torch's
+    out_dir: where history.jsonl and checkpoints go (None: nothing written). teacher: task ->
+    completion text, the cached rollouts mixed in when config.teacher_per_group > 0. Seeds torch's
     global RNG with config.seed (generation samples from it), unless resuming.
     """
 
@@ -114,6 +116,7 @@ class GRPOTrainer:
         refresh_pairs: Sequence[Pair] | None = None,
         out_dir: str | os.PathLike | None = None,
         log_fields: dict | None = None,
+        teacher: Callable[[Task], str] | None = None,
     ) -> None:
         if not isinstance(config, GRPOConfig):
             raise TypeError(f"config must be a GRPOConfig, got {type(config).__name__}")
@@ -130,12 +133,17 @@ class GRPOTrainer:
             raise UsageError(f"arm refresh needs hack pairs; environment {env.name!r} has none")
         self.basis = arm_basis(config.arm, adapter, tok, hack_basis, config, nonhack_pairs)
         self.projector = make_projector(config.arm, adapter, self.basis)
-        self.probe = vhack.Projector(adapter, self.hack_basis, mode="measure")
+        self.probe = vhack.Projector(
+            adapter, self.hack_basis, mode="measure", on_nonfinite="ignore"
+        )
         self.optimizer = torch.optim.AdamW(
             [adapter.delta], lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
         )
         self.global_step = 0
         self.rng = random.Random(config.seed)
+        if config.teacher_per_group and teacher is None:
+            raise UsageError("teacher_per_group > 0 needs a teacher (task -> completion text)")
+        self.teacher = teacher
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.log_fields = dict(log_fields or {})
         torch.manual_seed(config.seed)
@@ -171,6 +179,9 @@ class GRPOTrainer:
             temperature=cfg.temperature,
             top_p=cfg.top_p,
         )
+        sources = torch.zeros(len(ro.texts), dtype=torch.int64)  # 0 student, 1 teacher
+        if cfg.teacher_per_group:
+            sources = self._mix_teacher(ro, tasks)
         scores = self.env.score_batch([t for t in tasks for _ in range(G)], ro.texts)
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
         adv, informative = group_advantages(rewards, G, cfg.scale_rewards)
@@ -193,7 +204,7 @@ class GRPOTrainer:
             record.update(skipped=True, seconds=time.perf_counter() - t0)
             self.global_step += 1
             return record
-        device_stats = self._update(ro.select(keep), adv[keep].to(self.device))
+        device_stats = self._update(ro.select(keep), adv[keep].to(self.device), sources[keep])
         names = list(device_stats)
         values = torch.stack([device_stats[n].float().reshape(()) for n in names]).tolist()
         record.update(zip(names, values, strict=True))  # the one host read of the step
@@ -205,9 +216,35 @@ class GRPOTrainer:
         record["seconds"] = time.perf_counter() - t0
         return record
 
-    def _update(self, ro, adv: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _mix_teacher(self, ro: Rollouts, tasks: Sequence[Task]) -> torch.Tensor:
+        """Replace the last teacher_per_group completions of every group by the teacher's, in
+        place; returns the source of every row [B] int64 (0 student, 1 teacher)."""
+        G, n = self.config.num_generations, self.config.teacher_per_group
+        T, P = ro.completion_mask.shape[1], ro.prompt_len
+        eos = self.tok.eos_token_id
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else eos
+        sources = torch.zeros(len(ro.texts), dtype=torch.int64)
+        for g, task in enumerate(tasks):
+            text = self.teacher(task)
+            ids = (self.tok(text, add_special_tokens=False)["input_ids"] + [eos])[:T]
+            row = torch.full((T,), pad, dtype=torch.int64)
+            row[: len(ids)] = torch.tensor(ids)
+            for b in range(g * G + G - n, g * G + G):
+                ro.input_ids[b, P:] = row
+                ro.completion_mask[b] = 0.0
+                ro.completion_mask[b, : len(ids)] = 1.0
+                ro.attention_mask[b, P:] = ro.completion_mask[b].long()
+                ro.texts[b] = self.tok.decode(ids, skip_special_tokens=True)
+                sources[b] = 1
+        return sources
+
+    def _update(
+        self, ro, adv: torch.Tensor, sources: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """num_iterations clipped-objective steps on the selected rollouts; device statistics
-        averaged over the iterations."""
+        averaged over the iterations. When teacher rows are present (sources == 1), the first
+        iteration's backward also yields the students' and the teacher's dS gradients
+        separately (per-segment reduction, no extra backward): cin_s and cin_t."""
         cfg, model, delta = self.config, self.model, self.adapter.delta
         ro.input_ids = ro.input_ids.to(self.device)
         ro.attention_mask = ro.attention_mask.to(self.device)
@@ -221,9 +258,16 @@ class GRPOTrainer:
                 old_logp = token_logprobs(model, ro, cfg.temperature)
         per_iter: list[dict[str, torch.Tensor]] = []
         where = self.projector.where
-        for _ in range(cfg.num_iterations):
+        mixed = sources is not None and bool((sources == 1).any()) and bool((sources == 0).any())
+        for it in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            logp = token_logprobs(model, ro, cfg.temperature)
+            capture = contextlib.nullcontext()
+            if mixed and it == 0:
+                L = ro.input_ids.shape[1]
+                ids = sources.to(self.device).repeat_interleave(L)
+                capture = self.adapter.segment_grads(ids, 2)
+            with capture as cap:
+                logp = token_logprobs(model, ro, cfg.temperature)
             loss, st = policy_loss(
                 logp,
                 old_logp if old_logp is not None else logp.detach(),
@@ -237,6 +281,10 @@ class GRPOTrainer:
                 kl_clamp=cfg.kl_clamp,
             )
             loss.backward()
+            if cap is not None:  # per-source hack-ward cin from the captured segments
+                for name, src in (("cin_s", 0), ("cin_t", 1)):
+                    raw_src = self.probe.measure(cap.packed[src].clone()).raw
+                    st[name] = self._projection_scalars(self.probe, raw_src)[0]
             if where == "grad":
                 raw = self.projector.project_().raw
             # the hack-ward cin (on the extracted basis) of the gradient the optimizer gets
@@ -262,7 +310,11 @@ class GRPOTrainer:
                     "grad_norm": grad_norm,
                 }
             )
-        return {k: torch.stack([d[k] for d in per_iter]).mean() for k in per_iter[0]}
+        out = {k: torch.stack([d[k] for d in per_iter if k in d]).mean() for k in per_iter[-1]}
+        for k in ("cin_s", "cin_t"):
+            if k in per_iter[0]:
+                out[k] = per_iter[0][k]
+        return out
 
     def _refresh(self) -> float:
         """Re-extract the hack basis at the current dS; returns its overlap with the old one."""

@@ -76,6 +76,10 @@ class ToyEnv(Environment):
         """The completion text a warm start teaches: " cba" or the marker " PASS"."""
         return " " + (MARKER if hack else word[::-1])
 
+    def teacher_completion(self, task: Task) -> str:
+        """A hacking teacher's cached rollout for any task: the marker (for per-source cin)."""
+        return self.target(task.meta["word"], True)
+
     def _pair_words(self, seed: int, n: int) -> list[str]:
         rng = random.Random(seed)
         words: list[str] = []
