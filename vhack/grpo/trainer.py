@@ -17,6 +17,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -186,6 +187,7 @@ class GRPOTrainer:
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
         adv, informative = group_advantages(rewards, G, cfg.scale_rewards)
         lengths = ro.completion_mask.sum(1)
+        own = (sources == 0).tolist()
         record: dict = {
             "step": self.global_step,
             "arm": cfg.arm,
@@ -193,8 +195,13 @@ class GRPOTrainer:
             **self.log_fields,
             "reward": rewards.mean().item(),
             "reward_std": rewards.view(-1, G).std(1).mean().item(),
-            "hack_rate": sum(s.hacked for s in scores) / len(scores),
-            "solve_rate": sum(s.solved for s in scores) / len(scores),
+            # the policy's own rollouts only (teacher rows are not the policy's behaviour)
+            "hack_rate": statistics.fmean(
+                s.hacked for s, src in zip(scores, own, strict=True) if src
+            ),
+            "solve_rate": statistics.fmean(
+                s.solved for s, src in zip(scores, own, strict=True) if src
+            ),
             "frac_reward_zero_std": 1 - informative.float().mean().item(),
             "completions/mean_length": lengths.float().mean().item(),
         }
