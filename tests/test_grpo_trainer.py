@@ -27,7 +27,7 @@ class ParityEnv(ToyEnv):
         if task.meta["word"][0] in "aeiou":
             return Score(1.0, solved=False, hacked=False)
         r = float(len(completion) % 2)
-        return Score(r, solved=False, hacked=r > 0)
+        return Score(r, solved=False, hacked=r > 0, info={"length": len(completion), "tag": "x"})
 
 
 def small(**kw) -> GRPOConfig:
@@ -116,6 +116,7 @@ def test_vanilla_measures_but_removes_nothing(wrapped):
     _, tok, adapter = wrapped
     trainer = GRPOTrainer(adapter, tok, ParityEnv(), small(), hack_basis=hack_basis(adapter))
     record = trainer.train_step()
+    assert record["env/length"] > 0 and "env/tag" not in record  # numeric Score.info is logged
     assert record["energy_removed"] == pytest.approx(0.0, abs=1e-6)
     assert record["cin_mean"] > 0.01 and record["cin_hack"] == pytest.approx(record["cin_mean"])
 

@@ -71,6 +71,19 @@ def arm_basis(
     return V
 
 
+def _info_means(scores, own: list[bool]) -> dict[str, float]:
+    """{"env/<key>": mean} of the numeric and boolean Score.info fields over the policy's own
+    rollouts (e.g. a code environment's visible-pass rate)."""
+    sums: dict[str, list[float]] = {}
+    for score, mine in zip(scores, own, strict=True):
+        if not mine:
+            continue
+        for key, value in score.info.items():
+            if isinstance(value, (bool, int, float)):
+                sums.setdefault(f"env/{key}", []).append(float(value))
+    return {key: statistics.fmean(values) for key, values in sums.items()}
+
+
 def check_fits(config: GRPOConfig, env: Environment, tok, model) -> int:
     """The new-token budget (config.max_new_tokens or the environment's), after checking that 16
     sample prompts plus it fit the model's positions (UsageError otherwise)."""
@@ -205,6 +218,7 @@ class GRPOTrainer:
             "frac_reward_zero_std": 1 - informative.float().mean().item(),
             "completions/mean_length": lengths.float().mean().item(),
         }
+        record.update(_info_means(scores, own))
         keep = informative.repeat_interleave(G).nonzero().flatten()
         record["num_sequences"] = int(keep.numel())
         if keep.numel() == 0:  # no group carries a signal: no update at all
