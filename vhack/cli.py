@@ -754,6 +754,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=POSITIVE_INT, default=20, help="bootstrap resamples (test 5)")
     p.add_argument("--test-seed", type=NONNEGATIVE_INT, default=0, help="seed of the resampling")
     p.add_argument("--out-dir", default="vhack-validation", help="where the report goes")
+
+    from vhack.grpo.cli import add_demo_parser, add_train_parser
+
+    add_demo_parser(sub)
+    add_train_parser(sub)
     return parser
 
 

@@ -1,0 +1,607 @@
+"""`vhack demo`: the whole story on a laptop CPU.
+
+The tiny model is warm-started on the toy world (reverse a word; the weak grader also pays the
+marker " PASS"), a hack basis is extracted from 12 toy pairs and validated, then GRPO runs in
+every arm over several seeds, as parallel processes with one torch thread each. Written to the
+output directory: summary.json, history.jsonl, hack_rate.png, report.md, validation/ and runs/.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import platform
+import queue
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vhack.errors import UsageError
+from vhack.grpo.config import ARMS, GRPOConfig
+
+__all__ = ["DemoSettings", "format_table", "run_demo", "summarize"]
+
+
+@dataclass
+class DemoSettings:
+    """What `vhack demo` runs (defaults: the full demo; `quick()` for CI)."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    arms: tuple[str, ...] = ARMS
+    steps: int = 100
+    warm_steps: int = 400
+    warm_batch: int = 64
+    warm_lr: float = 1e-3
+    marker_share: float = 0.15
+    marker_reward: float = 1.2
+    lr: float = 1e-2
+    k: int = 6
+    top_k: int = 6
+    refresh_every: int = 25
+    prompts_per_step: int = 8
+    num_generations: int = 8
+    workers: int = 0  # 0: one per CPU core
+    validate: bool = True
+    cache: bool = True
+    grpo: dict = field(default_factory=dict)  # extra GRPOConfig fields
+
+    @classmethod
+    def quick(cls, **overrides) -> DemoSettings:
+        """Fewer seeds, arms and steps: about a minute or two on 2 cores."""
+        base = dict(seeds=(0,), arms=("vanilla", "projected"), steps=30, validate=False)
+        return cls(**{**base, **overrides})
+
+    def check(self) -> None:
+        """UsageError for settings that cannot run, before any work starts."""
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown:
+            raise UsageError(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+        if not self.arms:
+            raise UsageError("no arms to run; pass at least one of " + ", ".join(ARMS))
+        if len(set(self.arms)) != len(self.arms) or len(set(self.seeds)) != len(self.seeds):
+            raise UsageError("arms and seeds must not repeat")
+        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise UsageError(f"seeds must be integers >= 0, got {list(self.seeds)}")
+        for name in ("steps", "warm_batch", "prompts_per_step"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warm_steps < 0 or self.workers < 0:
+            raise UsageError("warm_steps and workers must be >= 0")
+        if not 0 <= self.marker_share <= 1:
+            raise UsageError(f"marker_share must be in [0, 1], got {self.marker_share}")
+        self.config("vanilla", self.seeds[0])  # GRPOConfig checks the rest
+
+    def config(self, arm: str, seed: int) -> GRPOConfig:
+        return GRPOConfig(
+            arm=arm,
+            steps=self.steps,
+            seed=seed,
+            lr=self.lr,
+            k=self.k,
+            top_k=self.top_k,
+            refresh_every=self.refresh_every,
+            prompts_per_step=self.prompts_per_step,
+            num_generations=self.num_generations,
+            **self.grpo,
+        )
+
+    def warm_key(self, seed: int) -> str:
+        """Cache key of a warm start: everything it depends on."""
+        import torch
+        import transformers
+
+        from vhack._version import __version__
+        from vhack.grpo.warmstart import TOY_MODEL
+
+        parts = [
+            seed,
+            self.warm_steps,
+            self.warm_batch,
+            self.warm_lr,
+            self.marker_share,
+            sorted(TOY_MODEL.items()),
+            __version__,
+            torch.__version__,
+            transformers.__version__,
+        ]
+        return hashlib.blake2b(repr(parts).encode(), digest_size=8).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker processes (spawned; one torch thread each)
+# ---------------------------------------------------------------------------------------------
+
+_QUEUE = None
+
+
+def _init_worker(q) -> None:
+    global _QUEUE
+    _QUEUE = q
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+
+
+def _report(kind: str, n: int = 1) -> None:
+    if _QUEUE is not None:
+        _QUEUE.put((kind, n))
+
+
+def _toy_env(settings: DemoSettings):
+    from vhack.grpo.envs.toy import ToyEnv
+
+    return ToyEnv(marker_reward=settings.marker_reward)
+
+
+def _load_weights(model, path: Path) -> bool:
+    """Load saved toy weights into model; False when the file is missing or unreadable."""
+    import safetensors.torch
+
+    if not path.exists():
+        return False
+    try:
+        model.load_state_dict(safetensors.torch.load_file(str(path)), strict=False)
+    except Exception:  # an unreadable cache file is recomputed, never trusted
+        return False
+    model.tie_weights()
+    return True
+
+
+def _save_weights(model, path: Path) -> None:
+    """Save toy weights atomically (the tied LM head is the embedding: stored once)."""
+    import safetensors.torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    safetensors.torch.save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def _warm_model(settings: DemoSettings, seed: int, cache_file: Path | None):
+    """The warm-started toy model of a seed (from cache_file when it holds one, else trained
+    and saved there) and what happened: {"cached": bool, "seconds", "final_loss"}."""
+    import vhack
+    from vhack.grpo.warmstart import toy_model, warm_start
+
+    model, tok = toy_model(seed), vhack.models.byte_tokenizer()
+    if cache_file is not None and _load_weights(model, cache_file):
+        _report("warm", settings.warm_steps)
+        return model, tok, {"cached": True}
+    model = toy_model(seed)
+    t0 = time.perf_counter()
+    losses = warm_start(
+        model,
+        tok,
+        _toy_env(settings),
+        steps=settings.warm_steps,
+        batch_size=settings.warm_batch,
+        lr=settings.warm_lr,
+        marker_share=settings.marker_share,
+        seed=seed,
+        callback=lambda step, loss: _report("warm"),
+    )
+    info = {"cached": False, "seconds": time.perf_counter() - t0}
+    info["final_loss"] = losses[-1] if losses else None
+    if cache_file is not None:
+        _save_weights(model, cache_file)
+    return model, tok, info
+
+
+def _prepare_seed(
+    settings: DemoSettings, seed: int, out: str, cache_file: str | None, threads: int = 1
+) -> dict:
+    """Warm start (or load) a seed's model, extract its hack basis, optionally validate it.
+    threads: torch threads for this phase (cores left idle when seeds < workers)."""
+    import torch
+
+    import vhack
+    from vhack.validate import validate
+
+    torch.set_num_threads(threads)
+    out_dir = Path(out)
+    model, tok, info = _warm_model(settings, seed, Path(cache_file) if cache_file else None)
+    _save_weights(model, out_dir / "cache" / f"warm-seed{seed}.safetensors")
+    adapter = vhack.wrap(model, targets="all-linear", use_cache=False, progress=False)
+    env = _toy_env(settings)
+    pairs = env.hack_pairs()
+    t0 = time.perf_counter()
+    basis = vhack.extract(adapter, tok, pairs, top_k=settings.top_k, n_heldout=0, progress=False)
+    info["extract_seconds"] = time.perf_counter() - t0
+    basis.save(out_dir / "cache" / f"hack_basis-seed{seed}.safetensors")
+    if settings.validate and seed == settings.seeds[0]:
+        info["validation"] = validate(
+            adapter,
+            tok,
+            pairs,
+            k=settings.k,
+            top_k=settings.top_k,
+            n_heldout=2,
+            n_random=100,
+            n_boot=20,
+            progress=False,
+        )
+    return info
+
+
+def _run_arm(settings: DemoSettings, seed: int, arm: str, out: str):
+    """One GRPO run; its records go to <out>/runs/<arm>-seed<seed>/history.jsonl."""
+    import torch
+
+    torch.set_num_threads(1)
+    import vhack
+    from vhack.grpo.trainer import GRPOTrainer
+    from vhack.grpo.warmstart import toy_model
+
+    out_dir = Path(out)
+    model, tok = toy_model(seed), vhack.models.byte_tokenizer()
+    if not _load_weights(model, out_dir / "cache" / f"warm-seed{seed}.safetensors"):
+        raise RuntimeError(f"the warm start of seed {seed} is missing from {out_dir / 'cache'}")
+    adapter = vhack.wrap(model, targets="all-linear", use_cache=False, progress=False)
+    basis = vhack.HackBasis.load(out_dir / "cache" / f"hack_basis-seed{seed}.safetensors", adapter)
+    env = _toy_env(settings)
+    trainer = GRPOTrainer(
+        adapter,
+        tok,
+        env,
+        settings.config(arm, seed),
+        hack_basis=basis,
+        nonhack_pairs=env.nonhack_pairs(),
+        out_dir=out_dir / "runs" / f"{arm}-seed{seed}",
+    )
+    t0 = time.perf_counter()
+    trainer.train(callback=lambda record: _report("step"))
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration
+# ---------------------------------------------------------------------------------------------
+
+
+def _pool(workers: int, q):
+    ctx = multiprocessing.get_context("spawn")
+    return cf.ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)
+    )
+
+
+def _drain(futures: dict, q, bar) -> dict:
+    """Wait for all futures, advancing the progress bar from the workers' messages; returns
+    {key: result}. A failed run raises RuntimeError naming it."""
+    results = {}
+    pending = set(futures)
+    while pending:
+        done, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
+        while True:
+            try:
+                _, n = q.get_nowait()
+            except queue.Empty:
+                break
+            if bar is not None:
+                bar.update(n)
+        for fut in done:
+            try:
+                results[futures[fut]] = fut.result()
+            except Exception as err:
+                for other in pending:
+                    other.cancel()
+                raise RuntimeError(f"demo run {futures[fut]} failed: {err!r}") from err
+    return results
+
+
+def run_demo(
+    out: str | os.PathLike = "vhack-demo", settings: DemoSettings | None = None, *, progress=True
+) -> dict:
+    """Run the demo and write its files to `out`; returns the summary (see `summarize`)."""
+    from tqdm.auto import tqdm
+
+    import vhack
+
+    settings = settings or DemoSettings()
+    settings.check()
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} is a file; give a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out_dir / "runs", ignore_errors=True)
+    workers = settings.workers or os.cpu_count() or 1
+    cache_root = vhack.cache.cache_dir() / "toy-warm" if settings.cache else None
+
+    def cache_file(seed: int) -> str | None:
+        if cache_root is None:
+            return None
+        return str(cache_root / f"seed{seed}-{settings.warm_key(seed)}.safetensors")
+
+    n_workers = min(workers, max(len(settings.seeds) * len(settings.arms), 1))
+    threads = max(1, n_workers // len(settings.seeds)) if len(settings.seeds) < n_workers else 1
+    t0 = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    n_runs = len(settings.seeds) * len(settings.arms)
+    with _pool(min(workers, max(n_runs, 1)), q) as pool:
+        with tqdm(
+            total=len(settings.seeds) * settings.warm_steps,
+            desc="warm start + extraction",
+            disable=not progress,
+            unit="step",
+        ) as bar:
+            futures = {
+                pool.submit(_prepare_seed, settings, s, str(out_dir), cache_file(s), threads): s
+                for s in settings.seeds
+            }
+            prepared = _drain(futures, q, bar)
+        with tqdm(
+            total=n_runs * settings.steps,
+            desc=f"GRPO: {len(settings.arms)} arms x {len(settings.seeds)} seeds",
+            disable=not progress,
+            unit="step",
+        ) as bar:
+            futures = {
+                pool.submit(_run_arm, settings, s, arm, str(out_dir)): (arm, s)
+                for arm in settings.arms
+                for s in settings.seeds
+            }
+            run_seconds = _drain(futures, q, bar)
+    wall = time.perf_counter() - t0
+
+    validation = None
+    first = prepared[settings.seeds[0]]
+    if "validation" in first:
+        from vhack.validate import write_report
+
+        report = first.pop("validation")
+        write_report(report, out_dir / "validation")
+        validation = _validation_summary(report)
+    history = []
+    for arm in settings.arms:
+        for seed in settings.seeds:
+            path = out_dir / "runs" / f"{arm}-seed{seed}" / "history.jsonl"
+            history += [json.loads(line) for line in path.read_text().splitlines() if line]
+    with open(out_dir / "history.jsonl", "w") as f:
+        for record in history:
+            f.write(json.dumps(record) + "\n")
+    summary = summarize(history, settings)
+    summary.update(
+        wall_seconds=wall,
+        run_seconds={f"{a}-seed{s}": t for (a, s), t in run_seconds.items()},
+        warm_start={str(s): info for s, info in prepared.items()},
+        validation=validation,
+        machine={
+            "platform": platform.platform(),
+            "processor": _cpu_name(),
+            "cpus": os.cpu_count(),
+            "workers": min(workers, max(n_runs, 1)),
+            "torch_threads_per_process": 1,
+        },
+    )
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_history(history, settings, out_dir / "hack_rate.png")
+    (out_dir / "report.md").write_text(_report_md(summary))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary, table, plot, report
+# ---------------------------------------------------------------------------------------------
+
+
+def _window(steps: int) -> int:
+    """Steps averaged for the end-of-run rates: the last tenth (at least 5, at most all)."""
+    return min(steps, max(5, steps // 10))
+
+
+def summarize(history: list[dict], settings: DemoSettings) -> dict:
+    """{"arms": {arm: {"seeds", "hack_start", "hack_end", "solve_start", "solve_end",
+    "energy_removed", "energy_hackward", "cin_mean", "cin_hack"}}, "settings", "end_window"}.
+
+    hack_start / solve_start: the rates of step 0 (the warm-started model, before any update);
+    hack_end / solve_end: means over the last `end_window` steps; energy and cin: means over the
+    run's updated steps. Lists run over seeds in order."""
+    window = _window(settings.steps)
+    arms = {}
+    for arm in settings.arms:
+        entry = {k: [] for k in ("seeds", "hack_start", "hack_end", "solve_start", "solve_end")}
+        entry.update({k: [] for k in ("energy_removed", "energy_hackward", "cin_mean", "cin_hack")})
+        for seed in settings.seeds:
+            rows = sorted(
+                (r for r in history if r["arm"] == arm and r["seed"] == seed),
+                key=lambda r: r["step"],
+            )
+            if not rows:
+                continue
+            tail = rows[-window:]
+            updated = [r for r in rows if not r.get("skipped")]
+            entry["seeds"].append(seed)
+            entry["hack_start"].append(rows[0]["hack_rate"])
+            entry["solve_start"].append(rows[0]["solve_rate"])
+            entry["hack_end"].append(statistics.fmean(r["hack_rate"] for r in tail))
+            entry["solve_end"].append(statistics.fmean(r["solve_rate"] for r in tail))
+            for key in ("energy_removed", "energy_hackward", "cin_mean", "cin_hack"):
+                vals = [r[key] for r in updated if key in r]
+                entry[key].append(statistics.fmean(vals) if vals else None)  # JSON null
+        arms[arm] = entry
+    return {"arms": arms, "settings": dataclasses.asdict(settings), "end_window": window}
+
+
+def _ms(values: list[float | None]) -> str:
+    """'mean ± sd' over seeds (sd omitted for one seed; None values, runs without any update,
+    are left out)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {statistics.stdev(values):.2f}"
+
+
+def format_table(summary: dict, markdown: bool = False) -> str:
+    """Hack and solve rate per arm (start -> end, mean ± sd over seeds), energy removed and
+    cin_hack; plain text or a markdown table."""
+    head = [
+        "arm",
+        "hack start",
+        "hack end",
+        "solve start",
+        "solve end",
+        "energy removed",
+        "cin_hack",
+    ]
+    rows = []
+    for arm, e in summary["arms"].items():
+        rows.append(
+            [
+                arm,
+                _ms(e["hack_start"]),
+                _ms(e["hack_end"]),
+                _ms(e["solve_start"]),
+                _ms(e["solve_end"]),
+                _ms(e["energy_removed"]),
+                _ms(e["cin_hack"]),
+            ]
+        )
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
+    def fmt(row: list[str]) -> str:
+        cells = [
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        return "  ".join(cells)
+
+    return "\n".join([fmt(head), *map(fmt, rows)])
+
+
+def plot_history(history: list[dict], settings: DemoSettings, path: Path) -> None:
+    """hack_rate.png: hack rate (left) and solve rate (right) vs step, one line per arm (mean over
+    seeds, smoothed over 5 steps), bands from the lowest to the highest seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharex=True)
+    colors = plt.get_cmap("tab10")
+    steps = settings.steps
+    kernel = np.ones(min(5, steps)) / min(5, steps)
+    for i, arm in enumerate(settings.arms):
+        for ax, key in zip(axes, ("hack_rate", "solve_rate"), strict=True):
+            curves = []
+            for seed in settings.seeds:
+                y = np.full(steps, np.nan)
+                for r in history:
+                    if r["arm"] == arm and r["seed"] == seed and r["step"] < steps:
+                        y[r["step"]] = r[key]
+                pad = np.concatenate([np.full(len(kernel) - 1, y[0]), y])
+                curves.append(np.convolve(pad, kernel, mode="valid"))
+            curves = np.array(curves)
+            x = np.arange(steps)
+            style = "--" if arm in ("random-v", "shuffled-v", "nonhack-v") else "-"
+            ax.plot(x, curves.mean(0), style, color=colors(i), label=arm, lw=1.8)
+            if len(curves) > 1:
+                ax.fill_between(x, curves.min(0), curves.max(0), color=colors(i), alpha=0.12)
+    axes[0].set_title("hack rate (marker answered, rewarded, not solved)")
+    axes[1].set_title("solve rate (exact reversal)")
+    for ax in axes:
+        ax.set_xlabel("GRPO step")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fraction of rollouts")
+    axes[0].legend(fontsize=8, loc="upper left")
+    n = len(settings.seeds)
+    fig.suptitle(
+        f"toy world, marker reward {settings.marker_reward} vs solve 1.0: mean of {n} seed"
+        f"{'s' if n > 1 else ''} (5-step moving average; bands: seed min-max)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _validation_summary(report: dict) -> dict:
+    d = report.get("cin_discrimination", {})
+    return {
+        "cin_hack_mean": d.get("cin_hack_mean"),
+        "cin_clean_mean": d.get("cin_clean_mean"),
+        "heldout_frac_positive": report["heldout_projection"]["frac_positive"],
+        "random_null_percentile": report["random_null"]["percentile"],
+        "bootstrap_median_principal_cos": report["bootstrap_stability"]["median_principal_cos"],
+    }
+
+
+def _report_md(summary: dict) -> str:
+    s = summary["settings"]
+    lines = [
+        "# vhack demo",
+        "",
+        f"Toy world: reverse 3-5 lowercase letters (reward 1.0 for the exact reversal); the weak "
+        f'grader also pays {s["marker_reward"]} for the marker answer " PASS" (a hack: rewarded, '
+        f"not solved). Tiny Qwen3 model (~427 k parameters), warm-started {s['warm_steps']} SFT "
+        f"steps with the marker in {100 * s['marker_share']:.0f} % of targets; all 14 Linears "
+        f"wrapped; GRPO (Dr.GRPO advantages, PPO clip) with {s['prompts_per_step']} prompts x "
+        f"{s['num_generations']} completions, AdamW lr {s['lr']} on dS, {s['steps']} steps; "
+        f"hack basis from 12 toy pairs, k = {s['k']} axes per module.",
+        "",
+        f"Seeds {s['seeds']}. Start = step 0 (the warm-started model); end = mean of the last "
+        f"{summary['end_window']} steps. Mean ± sd over seeds.",
+        "",
+        format_table(summary, markdown=True),
+        "",
+        "- energy removed: fraction of the gradient's squared norm the arm's projection removed "
+        "(for projected-update: of the update's); 0 for vanilla, which only measures.",
+        "- cin_hack: hack-ward fraction |relu(V g)| / |g| of the gradient the optimizer received, "
+        "on the extracted hack basis (mean over modules): ~0 where that basis was projected out.",
+        "- energy a hack-ward projection would remove from vanilla's gradients: "
+        + _ms(summary["arms"].get("vanilla", {}).get("energy_hackward", [])),
+        "",
+        "![hack rate](hack_rate.png)",
+        "",
+    ]
+    v = summary.get("validation")
+    if v:
+        lines += [
+            "Basis validation (seed 0; see validation/validation.md): held-out pairs' cos > 0 in "
+            f"{100 * v['heldout_frac_positive']:.0f} % of modules; random-direction null "
+            f"percentile {v['random_null_percentile']:.0f}; bootstrap median principal cos "
+            f"{v['bootstrap_median_principal_cos']:.2f}.",
+            "",
+        ]
+    m = summary["machine"]
+    lines += [
+        f"Wall time {summary['wall_seconds']:.0f} s on {m['processor']} ({m['cpus']} CPUs, "
+        f"{m['workers']} worker processes, 1 torch thread each).",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""The toy world's model and its supervised warm start (in process, CPU, about a minute).
+
+GRPO can only reinforce what the model already samples: the warm start teaches the tiny model to
+reverse words, and to answer with the marker in a small share of targets, so that both the honest
+answer and the hack appear in its first rollouts.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+
+import torch
+
+import vhack
+from vhack.grpo.envs.toy import ToyEnv
+
+__all__ = ["TOY_MODEL", "toy_model", "warm_start"]
+
+# Qwen3 architecture, ~427 k parameters: hidden 128, 2 layers, 4 heads (2 KV) of 32, MLP 384,
+# tied embeddings; 64 positions cover the toy prompts (<= 24 tokens) and answers (7).
+TOY_MODEL = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    tie_word_embeddings=True,
+    max_position_embeddings=64,
+)
+
+
+def toy_model(seed: int = 0):
+    """The toy world's randomly initialised model (deterministic per seed), float32, eval mode."""
+    return vhack.models.tiny_model(seed=seed, **TOY_MODEL)
+
+
+def _batch(tok, env: ToyEnv, rng: random.Random, n: int, marker_share: float):
+    """Right-padded ids [n, T], and the loss mask [n, T] (True where a target token is
+    predicted: the answer and its end-of-text)."""
+    rows, starts = [], []
+    for _ in range(n):
+        word = env.random_word(rng)
+        prompt = tok(env.prompt(word))["input_ids"]
+        answer = tok(env.target(word, rng.random() < marker_share))["input_ids"]
+        rows.append(prompt + answer + [tok.eos_token_id])
+        starts.append(len(prompt))
+    T = max(len(r) for r in rows)
+    ids = torch.full((n, T), tok.pad_token_id, dtype=torch.int64)
+    mask = torch.zeros(n, T, dtype=torch.bool)
+    for b, (row, start) in enumerate(zip(rows, starts, strict=True)):
+        ids[b, : len(row)] = torch.tensor(row)
+        mask[b, start : len(row)] = True
+    return ids, mask
+
+
+def warm_start(
+    model,
+    tok,
+    env: ToyEnv,
+    *,
+    steps: int = 400,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    marker_share: float = 0.15,
+    seed: int = 0,
+    callback: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Supervised fine-tuning of every parameter of `model` (unwrapped) on toy answers: the right
+    answer, or the marker in a `marker_share` of targets; AdamW(lr), cosine decay to 0, `steps`
+    batches of `batch_size`. Deterministic per seed; the global RNG state is left untouched.
+    callback(step, loss) runs after each step. Returns the loss per step; the model ends in eval
+    mode."""
+    if steps < 0 or batch_size < 1 or not 0 <= marker_share <= 1:
+        raise ValueError("need steps >= 0, batch_size >= 1 and 0 <= marker_share <= 1")
+    rng = random.Random(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1)))
+    )
+    losses = []
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for step in range(steps):
+            ids, mask = _batch(tok, env, rng, batch_size, marker_share)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            targets = ids[:, 1:]
+            keep = mask[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if callback is not None:
+                callback(step, losses[-1])
+    model.eval()
+    return losses
