@@ -440,3 +440,25 @@ def test_public_loader(tmp_path):
     assert problems[1].signature == "def double(self, x)"
     with pytest.raises(UsageError, match="does not exist"):
         load_public_problems(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.slow
+def test_vhack_train_runs_the_code_environment(tmp_path):
+    """`vhack train --env code`: GRPO on the tiny model with the sandboxed grader, one step; the
+    history logs the environment's numbers (reward, hack and solve rates, grader fields). The
+    untrained tiny model writes no code that compiles, so every group has zero reward variance
+    and the step is skipped: this checks the wiring, not learning."""
+    import json
+
+    from vhack import cli
+
+    out = tmp_path / "run"
+    argv = ["train", "--env", "code", "--model", "tiny", "--arm", "vanilla", "--steps", "1"]
+    argv += ["--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8"]
+    argv += ["--top-k", "2", "--k", "2", "--checkpoint-every", "0", "--quiet", "--out", str(out)]
+    assert cli.main(argv) == 0
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert len(rows) == 1
+    for key in ("reward", "hack_rate", "solve_rate", "env/format_ok", "env/hidden_pass"):
+        assert key in rows[0], key
+    assert rows[0]["env/format_ok"] == 0.0 and rows[0]["skipped"] is True

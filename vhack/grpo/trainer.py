@@ -31,7 +31,6 @@ from vhack.grpo.arms import basis_overlap, make_projector, random_basis, shuffle
 from vhack.grpo.config import GRPOConfig
 from vhack.grpo.envs.base import Environment, Task
 from vhack.grpo.loss import group_advantages, policy_loss
-from vhack.grpo.ref_model import bypass_delta
 from vhack.grpo.rollout import Rollouts, encode_prompts, sample_rollouts, token_logprobs
 from vhack.pairs import Pair
 
@@ -273,7 +272,7 @@ class GRPOTrainer:
         ref_logp = old_logp = None
         with torch.no_grad():
             if cfg.beta > 0 or cfg.log_kl:
-                with bypass_delta(self.adapter):
+                with self.adapter.base():  # dS bypassed: the exact reference, no copy
                     ref_logp = token_logprobs(model, ro, cfg.temperature)
             if cfg.num_iterations > 1:
                 old_logp = token_logprobs(model, ro, cfg.temperature)
