@@ -512,10 +512,20 @@ class Adapter:
         """The dense model's state_dict (what `merge()` then `model.state_dict()` would give)
         without changing the model: same keys and order, wrapped Linears' weights merged
         (W + U diag(dS) Vh in the weight's dtype), everything else shared with the model. For
-        pushing weights to an inference engine (vLLM); see vhack.integrations.weights."""
-        from vhack.integrations.weights import merged_state_dict
-
-        return merged_state_dict(self)
+        pushing weights to an inference engine (vLLM); see vhack.integrations.weights. Values
+        are detached: merged weights are fresh tensors, the rest share storage with the model."""
+        self._check_attached()
+        store = {n for n, p in self.model.named_parameters() if p is self.delta}
+        weights = {f"{name}.base_weight": mod for name, mod in self.modules.items()}
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in self.model.state_dict(keep_vars=False).items():
+            if name in store:
+                continue
+            if name in weights:
+                out[name.removesuffix(".base_weight") + ".weight"] = weights[name].merged_weight()
+            else:
+                out[name] = tensor
+        return out
 
     def unwrap(self) -> nn.Module:
         """Put the original nn.Linear modules back (weights unchanged), restore every parameter's

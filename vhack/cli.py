@@ -691,7 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vhack {vhack.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    _add_command(sub, "info", _cmd_info, "versions, available backends and the disk cache (JSON)")
+    _add_command(
+        sub, "info", _cmd_info, "versions, backends, sandbox isolation and the disk cache (JSON)"
+    )
 
     p = _add_command(
         sub,

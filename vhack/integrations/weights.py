@@ -50,20 +50,9 @@ def merged_named_parameters(adapter: vhack.Adapter) -> Iterator[tuple[str, torch
 
 def merged_state_dict(adapter: vhack.Adapter) -> dict[str, torch.Tensor]:
     """The dense model's state_dict(): what `adapter.merge()` followed by `model.state_dict()`
-    would give, without changing the model. Same keys and order (persistent buffers included, tied
-    weights under each of their names); values detached (merged weights are fresh tensors, the
-    rest share storage with the model)."""
-    renames, dropped = _renames(adapter)
-    weights = {f"{name}.base_weight": mod for name, mod in adapter.modules.items()}
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in adapter.model.state_dict(keep_vars=False).items():
-        if name in dropped:
-            continue
-        if name in weights:
-            out[renames[name]] = weights[name].merged_weight()
-        else:
-            out[name] = tensor
-    return out
+    would give, without changing the model (`Adapter.merged_state_dict`)."""
+    _renames(adapter)  # the same checks as merged_named_parameters
+    return adapter.merged_state_dict()
 
 
 def patch_vllm_sync(vllm_generation, adapter: vhack.Adapter) -> None:
