@@ -11,10 +11,10 @@ pytest.importorskip(
     "accelerate", reason="the Trainer needs accelerate (pip install 'vhack-kernels[trl]')"
 )
 
+from _integrations import wrapped as _wrapped
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import vhack
-from tests._integrations import wrapped as _wrapped
 from vhack.errors import UsageError
 from vhack.integrations import VHackCallback
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _dist import run_distributed
 
 import vhack
-from tests._dist import run_distributed
 
 pytestmark = [
     pytest.mark.slow,

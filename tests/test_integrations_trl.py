@@ -12,8 +12,8 @@ from vhack.integrations import VHackCallback, ZeroDeltaReference, use_zero_delta
 trl = pytest.importorskip("trl", reason="TRL is not installed (pip install 'vhack-kernels[trl]')")
 datasets = pytest.importorskip("datasets", reason="datasets comes with TRL")
 
-from tests._integrations import wrapped as _wrapped  # noqa: E402
-from tests.test_integrations_callback import _Probe  # noqa: E402
+from _integrations import wrapped as _wrapped  # noqa: E402
+from test_integrations_callback import _Probe  # noqa: E402
 
 STEPS = 3
 

@@ -7,9 +7,9 @@ import copy
 
 import pytest
 import torch
+from _integrations import wrapped as _wrapped
 
 import vhack
-from tests._integrations import wrapped as _wrapped
 from vhack.integrations import (
     ZeroDeltaReference,
     merged_named_parameters,
