@@ -98,7 +98,7 @@ import json, os, socket, sys
 facts = {{"pid": os.getpid(), "uid": os.getuid(), "env": dict(os.environ), "stdin": sys.stdin.read(),
          "cwd": os.getcwd(), "host_visible": os.path.exists({str(host_file)!r})}}
 try:
-    socket.create_connection(("1.1.1.1", 53), timeout=1)
+    socket.create_connection(("127.0.0.1", 9), timeout=1)
     facts["net"] = "connected"
 except OSError as e:
     facts["net"] = str(e)
@@ -120,7 +120,7 @@ print(json.dumps(facts))
         "LANG",
         "PYTHONHASHSEED",
     }
-    assert facts["net"] != "connected"
+    assert "unreachable" in facts["net"]  # on the host: refused (nothing on port 9) or connected
     assert not facts["host_visible"]
     assert facts["/usr/x"] == facts["/etc/x"] == "Read-only file system"
     assert facts["/work/x"] == facts[unique] == "written"
@@ -300,10 +300,10 @@ libc = ctypes.CDLL(None, use_errno=True)
 st = dict(ln.split(":", 1) for ln in open("/proc/self/status").read().splitlines() if ":" in ln)
 out = {"uid": os.getuid(), "caps": int(st["CapEff"], 16), "bnd": int(st["CapBnd"], 16)}
 try:
-    socket.create_connection(("1.1.1.1", 53), timeout=1)
+    socket.create_connection(("127.0.0.1", 9), timeout=1)
     out["net"] = True
-except OSError:
-    out["net"] = False
+except OSError as e:
+    out["net"] = "unreachable" not in str(e)
 try:
     open("/usr/x", "w")
     out["usr"] = True
