@@ -34,6 +34,8 @@ directly (`torch._fused_adamw_`, custom CUDA) outside an optimizer step.
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -651,7 +653,9 @@ def _svd(weight: torch.Tensor, cache: Path | None) -> tuple[torch.Tensor, ...]:
     U, Vh = U.to(weight.dtype).contiguous(), Vh.to(weight.dtype).contiguous()
     S = S.to(torch.float32).contiguous()
     if path is not None:
-        tmp = path.with_suffix(f".tmp{id(path)}")
+        # unique per process and thread: ranks of a distributed job share the cache directory and
+        # run the same code (id() alone collided across forked ranks)
+        tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
         safetensors.torch.save_file({"U": U.cpu(), "S": S.cpu(), "Vh": Vh.cpu()}, str(tmp))
         tmp.replace(path)
     return U, S, Vh
