@@ -77,6 +77,12 @@ def main(argv: list[str] | None = None) -> dict:
         os.makedirs(args.stats_out, exist_ok=True)
         with open(os.path.join(args.stats_out, f"rank{rank}.json"), "w") as f:
             json.dump({"history": history}, f)
+    # Release DDP before the process group. A DDP module freed after destroy_process_group() (at
+    # return) held the last reference to the gloo group and destroyed it under the GIL while a
+    # gloo worker thread, freeing a finished allreduce, waited for the GIL: a deadlock seen with
+    # torch 2.13 on CPU. The barrier lets the workers finish before the teardown.
+    dist.barrier()
+    del forward
     dist.destroy_process_group()
     return {"history": history}
 
