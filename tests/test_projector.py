@@ -10,7 +10,7 @@ from helpers import DEVICE, TOLERANCES, assert_close, random_orthonormal_rows, r
 from torch import nn
 
 import vhack
-from vhack import reference
+from vhack import difference_basis, reference
 
 F64 = torch.float64
 TOL = dict(zip(("rtol", "atol"), TOLERANCES[torch.float32], strict=True))
@@ -428,7 +428,7 @@ def _sequence_grads_basis(adapter, model, ids, k):
     adapter.delta.grad = None
     half = n // 2
     return {
-        name: reference.paired_difference_basis(cap[name][:half], cap[name][half:], top_k=k)[0]
+        name: difference_basis.paired_difference_basis(cap[name][:half], cap[name][half:], top_k=k)[0]
         for name in adapter.names
     }
 

@@ -33,15 +33,10 @@ directly (`torch._fused_adamw_`, custom CUDA) outside an optimizer step.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import threading
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -49,9 +44,8 @@ from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from vhack import ops
-from vhack.cache import cache_dir as resolve_cache_dir
-from vhack.cache import svd_cache_enabled
 from vhack.ops.svd_linear import check_segment_range
+from vhack.svd_cache import svd_cache_dir, svd_factors
 
 __all__ = ["DEFAULT_TARGETS", "Adapter", "DeltaParameter", "SVDLinear", "SegmentGrads", "wrap"]
 
@@ -630,37 +624,6 @@ def _resolve_targets(model: nn.Module, targets) -> list[tuple[str, nn.Linear]]:
     return chosen
 
 
-def _weight_hash(weight: torch.Tensor) -> str:
-    """Content hash of a weight: dtype, shape and bytes."""
-    w = weight.detach().contiguous().cpu()
-    h = hashlib.blake2b(digest_size=20)
-    h.update(f"{w.dtype}|{tuple(w.shape)}|".encode())
-    h.update(w.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _svd(weight: torch.Tensor, cache: Path | None) -> tuple[torch.Tensor, ...]:
-    """U [d_out, r], S [r] float32, Vh [r, d_in] of a weight (U, Vh in its dtype), via the cache."""
-    path = cache / f"{_weight_hash(weight)}.safetensors" if cache is not None else None
-    if path is not None and path.exists():
-        try:
-            f = safetensors.torch.load_file(str(path), device=str(weight.device))
-            return f["U"], f["S"], f["Vh"]
-        except Exception as err:  # a damaged cache file is recomputed, never trusted
-            warnings.warn(f"ignoring unreadable SVD cache file {path}: {err}", stacklevel=3)
-    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    U, S, Vh = torch.linalg.svd(weight.detach().to(compute), full_matrices=False)
-    U, Vh = U.to(weight.dtype).contiguous(), Vh.to(weight.dtype).contiguous()
-    S = S.to(torch.float32).contiguous()
-    if path is not None:
-        # unique per process and thread: ranks of a distributed job share the cache directory and
-        # run the same code (id() alone collided across forked ranks)
-        tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
-        safetensors.torch.save_file({"U": U.cpu(), "S": S.cpu(), "Vh": Vh.cpu()}, str(tmp))
-        tmp.replace(path)
-    return U, S, Vh
-
-
 def wrap(
     model: nn.Module,
     targets: str | Sequence[str] | None = None,
@@ -699,12 +662,9 @@ def wrap(
             "lives on one device, so place the wrapped Linears on one device"
         )
 
-    cache = None
-    if use_cache and svd_cache_enabled():
-        cache = resolve_cache_dir(cache_dir) / "svd"
-        cache.mkdir(parents=True, exist_ok=True)
+    cache = svd_cache_dir(cache_dir, use_cache)
     factors = [
-        _svd(lin.weight, cache)
+        svd_factors(lin.weight, cache)
         for _, lin in tqdm(chosen, desc="vhack: SVD of target weights", disable=not progress)
     ]
 

@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vhack import reference
 from vhack._version import __version__
 from vhack.basis import BasisFileError, HackBasis, adapter_fingerprint
 from vhack.cache import cache_dir as resolve_cache_dir
+from vhack.difference_basis import basis_from_differences, basis_from_gradients
 from vhack.lm import (
     Prompt,
     completion_losses,
@@ -379,70 +379,6 @@ def pair_differences(
             )
             out[torch.tensor(batch, device=device)] = cap.packed
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Basis from gradients
-# ---------------------------------------------------------------------------------------------
-
-
-def basis_from_differences(
-    D: torch.Tensor,
-    layout,
-    top_k: int = 12,
-    tau_axis: float = 0.0,
-    metadata: dict[str, str] | None = None,
-) -> HackBasis:
-    """Per module m: the SVD of the paired differences D[:, m] in float32, top-k rows oriented by
-    per-pair majority vote, rows with S_i / S_0 < tau_axis zeroed (`reference.difference_basis`).
-
-    D [n_pairs, R_total] (G_hack - G_clean, see `pair_differences`) packed in the order of
-    `layout` (an Adapter, or any object with `.names` and `.ranks`). Returns a HackBasis on D's
-    device with min(top_k, n_pairs, r_m) axes per module.
-    """
-    names, ranks = list(layout.names), list(layout.ranks)
-    total = sum(ranks)
-    if D.dim() != 2 or D.shape[1] != total:
-        raise ValueError(f"D must be [n_pairs, {total}], got {tuple(D.shape)}")
-    # Modules of one width r share one batched SVD (a model has few distinct shapes).
-    starts = [0]
-    for r in ranks[:-1]:
-        starts.append(starts[-1] + r)
-    by_width: dict[int, list[int]] = {}
-    for m, r in enumerate(ranks):
-        by_width.setdefault(r, []).append(m)
-    V, sv = {}, {}
-    D = D.float()
-    for r, members in by_width.items():
-        cols = torch.stack([torch.arange(starts[m], starts[m] + r) for m in members])
-        cols = cols.to(D.device)  # [n_modules, r]
-        V_group, sv_group = reference.difference_basis(
-            D[:, cols].transpose(0, 1), top_k, tau_axis
-        )  # D[:, cols]: [n_pairs, n_modules, r]
-        for i, m in enumerate(members):
-            V[names[m]], sv[names[m]] = V_group[i], sv_group[i]
-    return HackBasis({n: V[n] for n in names}, {n: sv[n] for n in names}, metadata)
-
-
-def basis_from_gradients(
-    G_hack: torch.Tensor,
-    G_clean: torch.Tensor,
-    layout,
-    top_k: int = 12,
-    tau_axis: float = 0.0,
-    metadata: dict[str, str] | None = None,
-) -> HackBasis:
-    """`basis_from_differences(G_hack - G_clean, ...)`; G_hack, G_clean [n_pairs, R_total] are the
-    gradients of each pair's hack and clean completion (see `pair_gradients`)."""
-    total = sum(layout.ranks)
-    if G_hack.shape != G_clean.shape or G_hack.dim() != 2 or G_hack.shape[1] != total:
-        raise ValueError(
-            f"G_hack and G_clean must both be [n_pairs, {total}], got {tuple(G_hack.shape)} and "
-            f"{tuple(G_clean.shape)}"
-        )
-    return basis_from_differences(
-        G_hack.float() - G_clean.float(), layout, top_k, tau_axis, metadata
-    )
 
 
 # ---------------------------------------------------------------------------------------------

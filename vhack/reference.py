@@ -16,10 +16,7 @@ __all__ = [
     "PRESERVE_MIN_RATIO",
     "PROJECTION_MODES",
     "delta_grad",
-    "difference_basis",
     "merge_weight",
-    "orient_by_majority",
-    "paired_difference_basis",
     "project_",
     "svd_linear",
 ]
@@ -164,66 +161,3 @@ def project_(
         stats[m, 3] = norm_after
         grad[lo:hi] = g_new.to(grad.dtype)
     return stats
-
-
-def orient_by_majority(V: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
-    """Flip each row of V so that most pairs project positively on it.
-
-    V [..., k, r] (rows = axes), D [..., n_pairs, r] (rows = hack - clean gradient differences);
-    leading dims batch independent modules. A row is flipped when more pairs project negatively
-    than positively on it; pairs projecting exactly 0 abstain and a tie keeps the sign (+).
-    Returns a new [..., k, r] tensor.
-    """
-    proj = D @ V.transpose(-1, -2)  # [..., n_pairs, k]
-    n_pos = (proj > 0).sum(-2)
-    n_neg = (proj < 0).sum(-2)
-    sign = torch.where(n_neg > n_pos, -1.0, 1.0).to(V.dtype)
-    return V * sign[..., :, None]
-
-
-def paired_difference_basis(
-    G_hack: torch.Tensor,
-    G_clean: torch.Tensor,
-    top_k: int,
-    tau_axis: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hack basis of one module from paired gradients: `difference_basis(G_hack - G_clean)`.
-
-    G_hack, G_clean [n_pairs, r]: dS gradients of the hack and clean completion of each pair
-    (or [..., n_pairs, r]: leading dims batch modules of one shape); the difference is taken in
-    float32 (float64 for float64 input).
-    """
-    if G_hack.shape != G_clean.shape or G_hack.dim() < 2:
-        raise ValueError(
-            f"G_hack and G_clean must both be [n_pairs, r], got {tuple(G_hack.shape)} and "
-            f"{tuple(G_clean.shape)}"
-        )
-    ct = torch.float64 if G_hack.dtype == torch.float64 else torch.float32
-    return difference_basis(G_hack.to(ct) - G_clean.to(ct), top_k, tau_axis)
-
-
-def difference_basis(
-    D: torch.Tensor, top_k: int, tau_axis: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hack basis of one module from paired differences: PCA of D.
-
-    D [n_pairs, r] (or [..., n_pairs, r]: leading dims batch modules of one shape): per pair, the
-    dS gradient of the hack completion minus that of the clean one. D = U_d diag(S_d) Vh_d (SVD in
-    float32, float64 for float64 input); V = the first k = min(top_k, n_pairs, r) rows of Vh_d,
-    each oriented by per-pair majority vote; rows with S_d[i] / S_d[0] < tau_axis are zeroed (all
-    rows when D = 0). Returns (V [..., k, r], sv [..., k]); the singular values are kept for
-    every row, zeroed or not.
-    """
-    if D.dim() < 2:
-        raise ValueError(f"D must be [n_pairs, r], got {tuple(D.shape)}")
-    ct = torch.float64 if D.dtype == torch.float64 else torch.float32
-    D = D.to(ct)
-    _, S_d, Vh_d = torch.linalg.svd(D, full_matrices=False)
-    k = min(top_k, Vh_d.shape[-2])
-    V = orient_by_majority(Vh_d[..., :k, :], D)
-    sv = S_d[..., :k].clone()
-    if k > 0:
-        s0 = sv[..., :1]
-        keep = (s0 > 0) & (sv >= tau_axis * s0)
-        V = V * keep[..., :, None].to(ct)
-    return V, sv

@@ -119,12 +119,13 @@ def _load_policy(args):
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if args.model == "toy":
-        from vhack.grpo.demo import DemoSettings, _warm_model
+        from vhack.grpo.demo import DemoSettings
+        from vhack.grpo.warmstart import warm_model
 
         settings = DemoSettings(marker_reward=args.marker_reward)
         cache = vhack.cache.cache_dir() / "toy-warm"
         path = cache / f"seed{args.seed}-{settings.warm_key(args.seed)}.safetensors"
-        model, tok, _ = _warm_model(settings, args.seed, path)
+        model, tok, _ = warm_model(settings, args.seed, path)
     else:
         try:
             model, tok = vhack.models.load(args.model, seed=args.seed, dtype=dtypes.get(args.dtype))

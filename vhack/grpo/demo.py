@@ -140,65 +140,14 @@ def _report(kind: str, n: int = 1) -> None:
         _QUEUE.put((kind, n))
 
 
+def _warm_progress(n: int) -> None:
+    _report("warm", n)
+
+
 def _toy_env(settings: DemoSettings):
     from vhack.grpo.envs.toy import ToyEnv
 
     return ToyEnv(marker_reward=settings.marker_reward)
-
-
-def _load_weights(model, path: Path) -> bool:
-    """Load saved toy weights into model; False when the file is missing or unreadable."""
-    import safetensors.torch
-
-    if not path.exists():
-        return False
-    try:
-        model.load_state_dict(safetensors.torch.load_file(str(path)), strict=False)
-    except Exception:  # an unreadable cache file is recomputed, never trusted
-        return False
-    model.tie_weights()
-    return True
-
-
-def _save_weights(model, path: Path) -> None:
-    """Save toy weights atomically (the tied LM head is the embedding: stored once)."""
-    import safetensors.torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    safetensors.torch.save_file(state, str(tmp))
-    os.replace(tmp, path)
-
-
-def _warm_model(settings: DemoSettings, seed: int, cache_file: Path | None):
-    """The warm-started toy model of a seed (from cache_file when it holds one, else trained
-    and saved there) and what happened: {"cached": bool, "seconds", "final_loss"}."""
-    import vhack
-    from vhack.grpo.warmstart import toy_model, warm_start
-
-    model, tok = toy_model(seed), vhack.models.byte_tokenizer()
-    if cache_file is not None and _load_weights(model, cache_file):
-        _report("warm", settings.warm_steps)
-        return model, tok, {"cached": True}
-    model = toy_model(seed)
-    t0 = time.perf_counter()
-    losses = warm_start(
-        model,
-        tok,
-        _toy_env(settings),
-        steps=settings.warm_steps,
-        batch_size=settings.warm_batch,
-        lr=settings.warm_lr,
-        marker_share=settings.marker_share,
-        seed=seed,
-        callback=lambda step, loss: _report("warm"),
-    )
-    info = {"cached": False, "seconds": time.perf_counter() - t0}
-    info["final_loss"] = losses[-1] if losses else None
-    if cache_file is not None:
-        _save_weights(model, cache_file)
-    return model, tok, info
 
 
 def _prepare_seed(
@@ -209,12 +158,15 @@ def _prepare_seed(
     import torch
 
     import vhack
+    from vhack.grpo.warmstart import save_toy_weights, warm_model
     from vhack.validate import validate
 
     torch.set_num_threads(threads)
     out_dir = Path(out)
-    model, tok, info = _warm_model(settings, seed, Path(cache_file) if cache_file else None)
-    _save_weights(model, out_dir / "cache" / f"warm-seed{seed}.safetensors")
+    model, tok, info = warm_model(
+        settings, seed, Path(cache_file) if cache_file else None, on_steps=_warm_progress
+    )
+    save_toy_weights(model, out_dir / "cache" / f"warm-seed{seed}.safetensors")
     adapter = vhack.wrap(model, targets="all-linear", use_cache=False, progress=False)
     env = _toy_env(settings)
     pairs = env.hack_pairs()
@@ -244,11 +196,11 @@ def _run_arm(settings: DemoSettings, seed: int, arm: str, out: str):
     torch.set_num_threads(1)
     import vhack
     from vhack.grpo.trainer import GRPOTrainer
-    from vhack.grpo.warmstart import toy_model
+    from vhack.grpo.warmstart import load_toy_weights, toy_model
 
     out_dir = Path(out)
     model, tok = toy_model(seed), vhack.models.byte_tokenizer()
-    if not _load_weights(model, out_dir / "cache" / f"warm-seed{seed}.safetensors"):
+    if not load_toy_weights(model, out_dir / "cache" / f"warm-seed{seed}.safetensors"):
         raise RuntimeError(f"the warm start of seed {seed} is missing from {out_dir / 'cache'}")
     adapter = vhack.wrap(model, targets="all-linear", use_cache=False, progress=False)
     basis = vhack.HackBasis.load(out_dir / "cache" / f"hack_basis-seed{seed}.safetensors", adapter)

@@ -8,15 +8,25 @@ answer and the hack appear in its first rollouts.
 from __future__ import annotations
 
 import math
+import os
 import random
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 import vhack
 from vhack.grpo.envs.toy import ToyEnv
 
-__all__ = ["TOY_MODEL", "toy_model", "warm_start"]
+__all__ = [
+    "TOY_MODEL",
+    "load_toy_weights",
+    "save_toy_weights",
+    "toy_model",
+    "warm_model",
+    "warm_start",
+]
 
 # Qwen3 architecture, ~427 k parameters: hidden 128, 2 layers, 4 heads (2 KV) of 32, MLP 384,
 # tied embeddings; 64 positions cover the toy prompts (<= 24 tokens) and answers (7).
@@ -100,3 +110,67 @@ def warm_start(
                 callback(step, losses[-1])
     model.eval()
     return losses
+
+
+def load_toy_weights(model, path: Path) -> bool:
+    """Load saved toy weights into model; False when the file is missing or unreadable."""
+    import safetensors.torch
+
+    if not path.exists():
+        return False
+    try:
+        model.load_state_dict(safetensors.torch.load_file(str(path)), strict=False)
+    except Exception:  # an unreadable cache file is recomputed, never trusted
+        return False
+    model.tie_weights()
+    return True
+
+
+def save_toy_weights(model, path: Path) -> None:
+    """Save toy weights atomically (the tied LM head is the embedding: stored once)."""
+    import safetensors.torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    safetensors.torch.save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def warm_model(
+    settings,
+    seed: int,
+    cache_file: Path | None,
+    on_steps: Callable[[int], None] | None = None,
+):
+    """The warm-started toy model of a seed: loaded from cache_file when it holds one, else
+    trained by `warm_start` and saved there (cache_file=None: always trained, never saved).
+
+    settings: the demo's settings (`vhack.grpo.demo.DemoSettings`, or anything with
+    marker_reward, warm_steps, warm_batch, warm_lr and marker_share). on_steps(n) is called as
+    warm-start steps complete (n = all of them at once for a cached model). Returns
+    (model, tokenizer, info), info = {"cached": bool, "seconds", "final_loss"}.
+    """
+    model, tok = toy_model(seed), vhack.models.byte_tokenizer()
+    if cache_file is not None and load_toy_weights(model, cache_file):
+        if on_steps is not None:
+            on_steps(settings.warm_steps)
+        return model, tok, {"cached": True}
+    model = toy_model(seed)
+    t0 = time.perf_counter()
+    losses = warm_start(
+        model,
+        tok,
+        ToyEnv(marker_reward=settings.marker_reward),
+        steps=settings.warm_steps,
+        batch_size=settings.warm_batch,
+        lr=settings.warm_lr,
+        marker_share=settings.marker_share,
+        seed=seed,
+        callback=None if on_steps is None else lambda step, loss: on_steps(1),
+    )
+    info = {"cached": False, "seconds": time.perf_counter() - t0}
+    info["final_loss"] = losses[-1] if losses else None
+    if cache_file is not None:
+        save_toy_weights(model, cache_file)
+    return model, tok, info
