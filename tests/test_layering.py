@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
         "vhack._source_tree",
         "vhack.errors",
         "vhack.cache",
-        "vhack.atomic",
+        "vhack.files",
         "vhack.data",
         "vhack.kernels",
         "vhack.reference",

@@ -29,7 +29,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from vhack.atomic import atomic_write_bytes
+from vhack.files import atomic_write_bytes, regular_file
 from vhack.packing import pack_blocks
 
 __all__ = [
@@ -339,6 +339,10 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], lis
     unreadable."""
     if not path.exists():
         raise FileNotFoundError(f"no hack basis file at {path}")
+    try:
+        regular_file(path, "hack basis")  # a FIFO would block safe_open forever
+    except ValueError as err:
+        raise BasisFileError(str(err)) from None
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})

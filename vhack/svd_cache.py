@@ -6,7 +6,7 @@ for the root and the off switch). What is read is checked before it is used: the
 hash of its factors (a damaged or edited file fails it), the shapes must fit the weight, and the
 factors must reproduce the weight on a random probe vector (W x = U diag(S) Vh x within the
 dtype's tolerance: a file of another weight fails it). A file that fails any check is recomputed
-and rewritten, with a warning. Writes are atomic (`vhack.atomic`); a cache directory that cannot be
+and rewritten, with a warning. Writes are atomic (`vhack.files`); a cache directory that cannot be
 created or written warns once and wrapping runs without the cache.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from vhack.atomic import atomic_path
+from vhack.files import atomic_path
 from vhack.cache import cache_dir as resolve_cache_dir
 from vhack.cache import svd_cache_enabled
 

@@ -129,7 +129,7 @@ def save_toy_weights(model, path: Path) -> None:
     """Save toy weights atomically (the tied LM head is the embedding: stored once)."""
     import safetensors.torch
 
-    from vhack.atomic import atomic_write_bytes
+    from vhack.files import atomic_write_bytes
 
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}

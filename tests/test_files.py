@@ -1,4 +1,4 @@
-"""vhack.atomic: a write killed at any point leaves the old file or the new one, never a torn one."""
+"""vhack.files: a write killed at any point leaves the old file or the new one, never a torn one."""
 
 import json
 import os
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from vhack.atomic import TMP_MARKER, atomic_write_text, remove_stale_temps
+from vhack.files import TMP_MARKER, atomic_write_text, remove_stale_temps
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# loads vhack/atomic.py alone (importing the vhack package would start torch: seconds per run)
+# loads vhack/files.py alone (importing the vhack package would start torch: seconds per run)
 WRITER = """
 import importlib.util, json, sys
 spec = importlib.util.spec_from_file_location("atomic", sys.argv[2])
@@ -36,7 +36,7 @@ def test_kill_9_at_any_point_leaves_a_complete_file(tmp_path):
     seen = set()
     for delay in (0.05, 0.13, 0.21, 0.34, 0.55):
         proc = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(target), str(ROOT / "vhack" / "atomic.py")],
+            [sys.executable, "-c", WRITER, str(target), str(ROOT / "vhack" / "files.py")],
             stdout=subprocess.PIPE,
         )
         assert proc.stdout.readline().strip() == b"ready"  # imports done (slow on a busy box)
@@ -79,3 +79,35 @@ def test_mode_follows_the_umask_and_stale_temps_only_ours(tmp_path):
     theirs.write_text("a user's file")
     assert remove_stale_temps(tmp_path) == [ours]
     assert theirs.exists() and not ours.exists()
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+    # Opening a FIFO for reading blocks until a writer appears: fail instead of hanging the suite.
+    old = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("blocked on a FIFO"))
+    signal.alarm(10)
+    yield path
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def test_basis_and_pairs_refuse_a_fifo_without_blocking(fifo):
+    import vhack
+
+    with pytest.raises(ValueError, match="FIFO"):
+        vhack.HackBasis.load(fifo)
+    with pytest.raises(ValueError, match="FIFO"):
+        vhack.load_pairs(fifo)
+
+
+def test_pairs_refuse_a_directory_and_non_utf8(tmp_path):
+    import vhack
+
+    with pytest.raises(ValueError, match="directory"):
+        vhack.load_pairs(tmp_path)
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "hack": "b", "clean": "c"}\n{"prompt": "\xff\xfe"}\n')
+    with pytest.raises(ValueError, match=r"line 2: not UTF-8"):
+        vhack.load_pairs(bad)

@@ -1,4 +1,9 @@
-"""Atomic file writes: a reader (or a run after a kill -9) sees the old file or the new one, never a
+"""Files vhack reads and writes.
+
+Reads: `regular_file` refuses what is not a regular file (a FIFO would block the reader forever,
+a directory or device gives a confusing error) before anything opens it.
+
+Writes are atomic: a reader (or a run after a kill -9) sees the old file or the new one, never a
 torn one.
 
 Every file vhack writes goes through `atomic_write`: the content goes to a temporary file beside
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,10 +30,37 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "fsync_dir",
+    "regular_file",
     "remove_stale_temps",
 ]
 
 TMP_MARKER = ".vhack-tmp-"
+
+
+def regular_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a Path when it names an existing regular file (after symlinks); else ValueError
+    naming `what` (e.g. "--basis") and the problem. Never opens the file."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"{what}: {path} does not exist") from None
+    except OSError as err:
+        raise ValueError(f"{what}: cannot read {path}: {err.strerror or err}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = (
+            "a directory"
+            if stat.S_ISDIR(st.st_mode)
+            else "a FIFO (named pipe)"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a socket"
+            if stat.S_ISSOCK(st.st_mode)
+            else "a device"
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "not a regular file"
+        )
+        raise ValueError(f"{what}: {path} is {kind}, not a regular file")
+    return path
 
 
 def _umask_mode() -> int:
