@@ -101,3 +101,12 @@ def test_cache_files_follow_the_umask(tiny, tmp_path):
     finally:
         os.umask(old)
     assert _cached_file(tmp_path).stat().st_mode & 0o777 == 0o644
+
+
+def test_nonfinite_weight_is_refused_naming_the_module(tiny):
+    model, _ = tiny
+    with torch.no_grad():
+        model.get_submodule("model.layers.1.self_attn.o_proj").weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.o_proj: weight holds NaN"):
+        vhack.wrap(model, use_cache=False, progress=False)
+    assert not any(isinstance(m, vhack.SVDLinear) for m in model.modules())  # untouched
