@@ -40,6 +40,7 @@ from vhack import reference
 from vhack._version import __version__
 from vhack.basis import BasisFileError, HackBasis, adapter_fingerprint
 from vhack.cache import cache_dir as resolve_cache_dir
+from vhack.extract_config import EXTRACT_TOP_K
 from vhack.lm import (
     Prompt,
     completion_losses,
@@ -389,7 +390,7 @@ def pair_differences(
 def basis_from_differences(
     D: torch.Tensor,
     layout,
-    top_k: int = 12,
+    top_k: int = EXTRACT_TOP_K,
     tau_axis: float = 0.0,
     metadata: dict[str, str] | None = None,
 ) -> HackBasis:
@@ -428,7 +429,7 @@ def basis_from_gradients(
     G_hack: torch.Tensor,
     G_clean: torch.Tensor,
     layout,
-    top_k: int = 12,
+    top_k: int = EXTRACT_TOP_K,
     tau_axis: float = 0.0,
     metadata: dict[str, str] | None = None,
 ) -> HackBasis:
@@ -487,7 +488,7 @@ def extract(
     adapter,
     tokenizer,
     pairs: Sequence[Pair],
-    top_k: int = 12,
+    top_k: int = EXTRACT_TOP_K,
     tau_axis: float = 0.0,
     n_heldout: int = 2,
     *,
@@ -543,7 +544,7 @@ def _slug(text: str) -> str:
 def basis_cache_path(
     adapter,
     pairs: Sequence[Pair],
-    top_k: int = 12,
+    top_k: int = EXTRACT_TOP_K,
     tau_axis: float = 0.0,
     n_heldout: int = 2,
     cache_dir: str | os.PathLike | None = None,
@@ -569,7 +570,7 @@ def load_or_extract(
     tokenizer,
     pairs: Sequence[Pair],
     cache_dir: str | os.PathLike | None = None,
-    top_k: int = 12,
+    top_k: int = EXTRACT_TOP_K,
     k: int | None = 5,
     *,
     tau_axis: float = 0.0,
