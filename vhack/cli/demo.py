@@ -20,7 +20,7 @@ class DemoRun:
     out: str = field(default="vhack-demo", metadata={"help": "output directory"})
     quick: bool = field(
         default=False,
-        metadata={"help": "1 seed, arms vanilla and projected, 30 steps, no validation (CI)"},
+        metadata={"help": "the CI-sized demo: the options below say what it changes"},
     )
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
