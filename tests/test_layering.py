@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
         "vhack._source_tree",
         "vhack.errors",
         "vhack.cache",
+        "vhack.extract_config",
         "vhack.files",
         "vhack.data",
         "vhack.kernels",
@@ -45,7 +46,7 @@ LAYERS: list[tuple[str, ...]] = [
     # 7: applications of the library, independent of each other
     ("vhack.grpo", "vhack.integrations"),
     # 8: the command line
-    ("vhack.cli",),
+    ("vhack.cli", "vhack.__main__"),
 ]
 # Same-layer packages that must not import each other.
 INDEPENDENT = [("vhack.grpo", "vhack.integrations")]

@@ -428,7 +428,9 @@ def _sequence_grads_basis(adapter, model, ids, k):
     adapter.delta.grad = None
     half = n // 2
     return {
-        name: difference_basis.paired_difference_basis(cap[name][:half], cap[name][half:], top_k=k)[0]
+        name: difference_basis.paired_difference_basis(cap[name][:half], cap[name][half:], top_k=k)[
+            0
+        ]
         for name in adapter.names
     }
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from vhack.files import atomic_path
 from vhack.cache import cache_dir as resolve_cache_dir
 from vhack.cache import svd_cache_enabled
+from vhack.files import atomic_path
 
 __all__ = ["PROBE_RTOL", "svd_cache_dir", "svd_factors", "weight_hash"]
 

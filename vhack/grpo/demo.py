@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import hashlib
 import json
 import multiprocessing
 import os
@@ -19,98 +18,12 @@ import queue
 import shutil
 import statistics
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from vhack.errors import UsageError
-from vhack.grpo.config import ARMS, GRPOConfig
+from vhack.grpo.demo_settings import DemoSettings  # re-exported: vhack.grpo.demo.DemoSettings
 
 __all__ = ["DemoSettings", "format_table", "run_demo", "summarize"]
-
-
-@dataclass
-class DemoSettings:
-    """What `vhack demo` runs (defaults: the full demo; `quick()` for CI)."""
-
-    seeds: tuple[int, ...] = (0, 1, 2)
-    arms: tuple[str, ...] = ARMS
-    steps: int = 100
-    warm_steps: int = 400
-    warm_batch: int = 64
-    warm_lr: float = 1e-3
-    marker_share: float = 0.15
-    marker_reward: float = 1.2
-    lr: float = 1e-2
-    k: int = 6
-    top_k: int = 6
-    refresh_every: int = 25
-    prompts_per_step: int = 8
-    num_generations: int = 8
-    workers: int = 0  # 0: one per CPU core
-    validate: bool = True
-    cache: bool = True
-    grpo: dict = field(default_factory=dict)  # extra GRPOConfig fields
-
-    @classmethod
-    def quick(cls, **overrides) -> DemoSettings:
-        """Fewer seeds, arms and steps: about a minute or two on 2 cores."""
-        base = dict(seeds=(0,), arms=("vanilla", "projected"), steps=30, validate=False)
-        return cls(**{**base, **overrides})
-
-    def check(self) -> None:
-        """UsageError for settings that cannot run, before any work starts."""
-        unknown = [a for a in self.arms if a not in ARMS]
-        if unknown:
-            raise UsageError(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
-        if not self.arms:
-            raise UsageError("no arms to run; pass at least one of " + ", ".join(ARMS))
-        if len(set(self.arms)) != len(self.arms) or len(set(self.seeds)) != len(self.seeds):
-            raise UsageError("arms and seeds must not repeat")
-        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
-            raise UsageError(f"seeds must be integers >= 0, got {list(self.seeds)}")
-        for name in ("steps", "warm_batch", "prompts_per_step"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warm_steps < 0 or self.workers < 0:
-            raise UsageError("warm_steps and workers must be >= 0")
-        if not 0 <= self.marker_share <= 1:
-            raise UsageError(f"marker_share must be in [0, 1], got {self.marker_share}")
-        self.config("vanilla", self.seeds[0])  # GRPOConfig checks the rest
-
-    def config(self, arm: str, seed: int) -> GRPOConfig:
-        return GRPOConfig(
-            arm=arm,
-            steps=self.steps,
-            seed=seed,
-            lr=self.lr,
-            k=self.k,
-            top_k=self.top_k,
-            refresh_every=self.refresh_every,
-            prompts_per_step=self.prompts_per_step,
-            num_generations=self.num_generations,
-            **self.grpo,
-        )
-
-    def warm_key(self, seed: int) -> str:
-        """Cache key of a warm start: everything it depends on."""
-        import torch
-        import transformers
-
-        from vhack._version import __version__
-        from vhack.grpo.warmstart import TOY_MODEL
-
-        parts = [
-            seed,
-            self.warm_steps,
-            self.warm_batch,
-            self.warm_lr,
-            self.marker_share,
-            sorted(TOY_MODEL.items()),
-            __version__,
-            torch.__version__,
-            transformers.__version__,
-        ]
-        return hashlib.blake2b(repr(parts).encode(), digest_size=8).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
