@@ -77,7 +77,9 @@ def test_project_matches_reference_and_stats(adapter, mode):
     assert_close(adapter.delta.grad, expected, **TOL, name="grad")
     assert_close(stats.raw, ref_stats, **TOL, name="raw")
     assert stats.names == adapter.names and proj.last_stats is stats
-    num = ref_stats[:, 1] if mode == "hackward" else ref_stats[:, 0]
+    # one-sided (hack-ward) cin for hackward and measure: a measure-only baseline logs the
+    # statistic a projected run logs; two-sided for both / reverse
+    num = ref_stats[:, 1] if mode in ("hackward", "measure") else ref_stats[:, 0]
     cin = num / ref_stats[:, 2]
     assert_close(stats.cin, cin, **TOL, name="cin")
     projected = torch.tensor([len(basis[n]) > 0 for n in adapter.names])
@@ -89,6 +91,12 @@ def test_project_matches_reference_and_stats(adapter, mode):
     removed = 1 - (expected.norm() / grad.norm()).item() ** 2
     assert summary["energy_removed"] == pytest.approx(removed, rel=1e-4, abs=1e-6)
     assert "cin_mean" in repr(stats)
+    two_sided = ref_stats[:, 0] / ref_stats[:, 2]
+    assert summary["cin_mean_two_sided"] == pytest.approx(
+        two_sided[projected].mean().item(), rel=1e-5
+    )
+    hackward = (ref_stats[projected, 1].square().sum() / ref_stats[:, 2].square().sum()).item()
+    assert summary["energy_hackward"] == pytest.approx(hackward, rel=1e-5)
 
 
 def test_basis_forms_agree_and_k_slices(adapter):
