@@ -277,9 +277,9 @@ def test_without_a_trainer_the_statistics_go_in_through_on_log():
 
 
 def _custom_loop(projector):
-    """(callback, model, adapter, one_step): a callback driven by hand, no Trainer.
+    """(callback, one_step): a callback driven by hand, no Trainer.
     one_step(scale) runs backward on scale * loss (scale None: no backward, dS.grad is None)
-    and the optimizer-step events around opt.step()."""
+    and the optimizer-step events around opt.step(); returns dS.grad as the callback got it."""
     from transformers import TrainerControl, TrainerState
 
     adapter = projector.adapter
@@ -298,10 +298,12 @@ def _custom_loop(projector):
         opt.zero_grad(set_to_none=True)
         if scale is not None:
             (scale * model(input_ids=x, labels=x).loss).backward()
+        grad = None if adapter.delta.grad is None else adapter.delta.grad.clone()
         callback.on_pre_optimizer_step(args, state, control, model=model)
         opt.step()
         callback.on_optimizer_step(args, state, control)
         state.global_step += 1
+        return grad  # as the callback got it
 
     return callback, one_step
 
@@ -331,13 +333,9 @@ def test_a_measure_only_run_logs_the_one_sided_cin_of_a_projected_run():
     own name."""
     _, adapter, basis = _wrapped()
     callback, one_step = _custom_loop(vhack.Projector(adapter, basis, mode="measure"))
-    grad_before = []
-    callback.projector.pre_step = lambda orig=callback.projector.pre_step: (
-        grad_before.append(adapter.delta.grad.clone()) or orig()
-    )
-    one_step(1.0)
+    grad = one_step(1.0)
     metrics = callback.pop_metrics()
-    projected = vhack.Projector(adapter, basis).project_(grad_before[0].clone())
+    projected = vhack.Projector(adapter, basis).project_(grad)
     assert metrics["vhack/cin_mean"] == pytest.approx(projected.cin_mean, rel=1e-6)
     assert metrics["vhack/cin_mean_two_sided"] == pytest.approx(
         projected.cin_mean_two_sided, rel=1e-6
