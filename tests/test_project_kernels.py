@@ -527,6 +527,7 @@ def test_projection_modes_are_defined_once_and_every_path_checks_them():
     check_mode's one message; the C++ op (csrc/project.cpp parse_mode, a string check that
     mirrors the list) accepts exactly the same names."""
     from vhack.kernels import project as kernels
+
     from vhack.ops.layout import layout_for
     from vhack.ops.modes import PROJECTION_MODES, check_mode
     from vhack.ops.project_torch import project_torch_
