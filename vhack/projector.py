@@ -4,11 +4,13 @@ cin statistics of the same pass.
     proj = vhack.Projector(adapter, basis)            # basis packed once, in the adapter's order
     loss.backward(); stats = proj.project_(); optimizer.step()
     # or: proj.attach(optimizer)  (projects inside every optimizer.step())
+    # or: stats = proj.pre_step(); optimizer.step(); stats = proj.post_step() or stats
+    #     (the one projection step, in the order attach, VHackCallback and the GRPO trainer use)
 
 The basis is a dict {module name: V [k, r]} (research-code style) or any object with `.names`
 and `.V(name)` (vhack.HackBasis). Modules the basis does not cover are not projected (k = 0) but
-still get statistics. Each call is one `vhack.ops.project_` over the packed gradient: one kernel
-launch on CUDA, one parallel C++ pass on CPU.
+still get statistics (`vhack.projstats`). Each call is one `vhack.ops.project_` over the packed
+gradient: one kernel launch on CUDA, one parallel C++ pass on CPU.
 
 Update mode (where="update") closes the leak through Adam: even with every gradient projected,
 the moments and the per-coordinate scaling move the parameter change back into span(V). The
@@ -304,7 +306,7 @@ class Projector:
                     delta.data.copy_(torch.where(mask, snap, delta.data))
         return self._finish(stats)
 
-    # ---- the projection step around optimizer.step() ----------------------------------------------
+    # ---- the projection step around optimizer.step() ------------------------------------------
     def pre_step(self) -> ProjStats | None:
         """The projection's part just before optimizer.step(), the one order every caller uses
         (attach, VHackCallback, the GRPO trainer; ShardedProjector has the same two methods):
