@@ -13,8 +13,10 @@ Each record holds the projection's statistics under the names VHackCallback logs
 (`vhack.projstats`: `vhack/cin_mean`, `vhack/cin_mean_two_sided`, `vhack/fired`,
 `vhack/energy_removed`, `vhack/energy_hackward`, `vhack/norm_before`, `vhack/norm_after`, averaged
 over the step's iterations that had a gradient, and `vhack/skipped_steps`), plus the trainer's
-probes: `cin_hack` (hack-ward cin, on the extracted basis, of the gradient the optimizer got),
-`cin_s` / `cin_t` (students' and teacher's), `grad_norm`, `loss`.
+probes: `cin_hack` (hack-ward cin, on the extracted basis, of the gradient the optimizer got;
+averaged like them), `cin_s` / `cin_t` (students' and teacher's, first iteration; NaN for a
+segment without gradient), `grad_norm`, `loss`. A step where no iteration had a gradient logs
+only `vhack/skipped_steps` of these.
 """
 
 from __future__ import annotations
@@ -225,6 +227,7 @@ class GRPOTrainer:
         if record[skipped] == cfg.num_iterations:  # no iteration had a gradient: no NaN logged
             for field in STAT_FIELDS:
                 del record[METRIC_PREFIX + field]
+            del record["cin_hack"]
         record["skipped"] = False
         record["learning_rate"] = self.optimizer.param_groups[0]["lr"]
         self.global_step += 1
@@ -274,7 +277,8 @@ class GRPOTrainer:
             if cfg.num_iterations > 1:
                 old_logp = token_logprobs(model, ro, cfg.temperature)
         per_iter: list[dict[str, torch.Tensor]] = []
-        summaries: list[torch.Tensor] = []
+        summaries: list[torch.Tensor] = []  # ProjStats.summary() of the projection, per iteration
+        probes: list[torch.Tensor] = []  # ... and of the hack-basis probe
         mixed = sources is not None and bool((sources == 1).any()) and bool((sources == 0).any())
         for it in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
@@ -303,16 +307,14 @@ class GRPOTrainer:
                     st[name] = self.probe.measure(cap.packed[src].clone()).summary()[0]
             stats = self.projector.pre_step()  # where="grad": projected; "update": snapshot
             # the hack-ward cin (on the extracted basis) of the gradient the optimizer gets
-            cin_hack = self.probe.measure().summary()[0]
+            probes.append(self.probe.measure().summary())
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([delta], cfg.max_grad_norm)
             grad_norm = delta.grad.norm()
             self.optimizer.step()
             stats = self.projector.post_step() or stats
             summaries.append(stats.summary())
-            per_iter.append(
-                {"loss": loss.detach(), **st, "cin_hack": cin_hack, "grad_norm": grad_norm}
-            )
+            per_iter.append({"loss": loss.detach(), **st, "grad_norm": grad_norm})
         out = {k: torch.stack([d[k] for d in per_iter if k in d]).mean() for k in per_iter[-1]}
         for k in ("cin_s", "cin_t"):
             if k in per_iter[0]:
@@ -321,6 +323,7 @@ class GRPOTrainer:
         means, skipped = mean_over_steps_with_gradient(torch.stack(summaries))
         out.update({METRIC_PREFIX + f: v for f, v in zip(STAT_FIELDS, means, strict=True)})
         out[METRIC_PREFIX + "skipped_steps"] = skipped
+        out["cin_hack"] = mean_over_steps_with_gradient(torch.stack(probes))[0][0]
         return out
 
     def _refresh(self) -> float:
