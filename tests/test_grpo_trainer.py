@@ -124,6 +124,35 @@ def test_vanilla_measures_but_removes_nothing(wrapped):
     )
 
 
+def test_an_iteration_without_a_gradient_is_counted_not_averaged(wrapped, monkeypatch):
+    """num_iterations = 2, the second with a zero dS gradient: the step's projection statistics
+    are the first iteration's (not a mean with undefined ratios), nothing is NaN, and
+    vhack/skipped_steps says one iteration had no gradient."""
+    import vhack.grpo.trainer as trainer_module
+
+    calls = []
+    real_loss = trainer_module.policy_loss
+
+    def loss_then_zero(*args, **kwargs):
+        loss, st = real_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss if len(calls) == 1 else 0.0 * loss), st
+
+    monkeypatch.setattr(trainer_module, "policy_loss", loss_then_zero)
+    _, tok, adapter = wrapped
+    cfg = small(arm="projected", num_iterations=2)
+    trainer = GRPOTrainer(adapter, tok, ParityEnv(), cfg, hack_basis=hack_basis(adapter))
+    record = trainer.train_step()
+    assert len(calls) == 2 and not record["skipped"]
+    assert record["vhack/skipped_steps"] == 1
+    values = [v for v in record.values() if isinstance(v, float)]
+    assert all(v == v for v in values), record  # no NaN
+    assert 0 < record["vhack/energy_removed"] < 1  # the first iteration's, not (x + 1) / 2
+    assert record["vhack/energy_removed"] == pytest.approx(
+        record["vhack/energy_hackward"], rel=1e-4
+    )
+
+
 def test_zero_variance_groups_are_skipped(wrapped):
     _, tok, adapter = wrapped
     cfg = small(prompts_per_step=6)
