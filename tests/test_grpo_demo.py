@@ -26,10 +26,12 @@ UPDATE_FIELDS = {
     "loss",
     "kl",
     "clip_ratio/region_mean",
-    "cin_mean",
-    "fired",
-    "energy_removed",
-    "energy_hackward",
+    "vhack/cin_mean",
+    "vhack/cin_mean_two_sided",
+    "vhack/fired",
+    "vhack/energy_removed",
+    "vhack/energy_hackward",
+    "vhack/skipped_steps",
     "cin_hack",
     "grad_norm",
     "learning_rate",
@@ -67,7 +69,7 @@ def test_demo_quick_writes_its_files(tmp_path, capsys):
     assert updated, "no step had a group with differing rewards"
     for r in updated:  # vanilla only measures; projected removes the hack-ward part
         if r["arm"] == "vanilla":
-            assert r["energy_removed"] == 0.0 or abs(r["energy_removed"]) < 1e-5
+            assert r["vhack/energy_removed"] == 0.0 or abs(r["vhack/energy_removed"]) < 1e-5
         else:
             assert r["cin_hack"] < 1e-4
 

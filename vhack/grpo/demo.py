@@ -296,7 +296,10 @@ def summarize(history: list[dict], settings: DemoSettings) -> dict:
             entry["hack_end"].append(statistics.fmean(r["hack_rate"] for r in tail))
             entry["solve_end"].append(statistics.fmean(r["solve_rate"] for r in tail))
             for key in ("energy_removed", "energy_hackward", "cin_mean", "cin_hack"):
-                vals = [r[key] for r in updated if key in r]
+                # the trainer logs the projection's statistics as "vhack/<key>" (older
+                # histories: "<key>"); cin_hack is the trainer's own probe
+                vals = [r.get("vhack/" + key, r.get(key)) for r in updated]
+                vals = [v for v in vals if v is not None]
                 entry[key].append(statistics.fmean(vals) if vals else None)  # JSON null
         arms[arm] = entry
     return {"arms": arms, "settings": dataclasses.asdict(settings), "end_window": window}
