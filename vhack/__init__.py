@@ -8,6 +8,7 @@ and project the hack-ward part out of the dS gradient at every optimizer step. S
 from vhack import _source_tree, errors, lm, models, ops, reference, validate  # noqa: F401
 from vhack._version import __version__
 from vhack.adapter import DEFAULT_TARGETS, Adapter, SegmentGrads, SVDLinear, wrap
+from vhack.adapter_files import load_adapter
 from vhack.basis import HackBasis
 from vhack.extract import extract, load_or_extract
 from vhack.pairs import Pair, builtin_pairs, load_pairs
@@ -27,6 +28,7 @@ __all__ = [
     "errors",
     "extract",
     "lm",
+    "load_adapter",
     "load_or_extract",
     "load_pairs",
     "models",

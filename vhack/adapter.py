@@ -171,6 +171,9 @@ class SVDLinear(nn.Module):
         store: DeltaStore,
         span: tuple[int, int],
         owns_store: bool = False,
+        *,
+        name: str = "",
+        svd_cache: Path | None = None,
     ) -> None:
         super().__init__()
         self.in_features = linear.in_features
@@ -195,6 +198,10 @@ class SVDLinear(nn.Module):
         # Set by Adapter.merged() to the merged weight: a plain dense forward, no dS gradient,
         # and no per-call cache check (generation is launch-bound at small batch).
         self.generation_weight: torch.Tensor | None = None
+        self._name = name  # the module's name in the model, for error messages
+        self._svd_cache = svd_cache  # where refresh_factors() finds or puts its SVDs
+        # (base weight Parameter, its _version, its data_ptr) that U, S, Vh were computed from
+        self._factors_of: tuple | None = self._weight_identity()
 
     @property
     def delta_S(self) -> torch.Tensor:
@@ -225,6 +232,7 @@ class SVDLinear(nn.Module):
         what invalidates the cache, and when to call `adapter.invalidate()` yourself. At dS = 0
         this is the original weight itself: no copy, no rounding.
         """
+        self._check_factors()
         store = self._store
         delta_key = store.key()
         key = (*delta_key, self.base_weight.data_ptr(), self.U.dtype)
@@ -258,7 +266,72 @@ class SVDLinear(nn.Module):
         super()._apply(fn, recurse)
         self.S = S.to(self.U.device)  # singular values stay float32 whatever the model dtype
         self._merged, self._merged_from = None, None
+        self._factors_of = self._weight_identity()  # U, Vh were moved / cast with the weight
         return self
+
+    # ---- the SVD factors follow the base weight ----------------------------------------------
+    def _weight_identity(self) -> tuple:
+        weight = self.base_weight
+        return (weight, weight._version, weight.data_ptr())
+
+    def _check_factors(self) -> None:
+        """Recompute U, S, Vh if the base weight was written since they were computed: an
+        in-place write (`base_weight.copy_(w)`, bumps its version counter) or a `.data`
+        assignment (moves its storage). Host-side counters only, no device work. A different
+        Parameter object (FSDP2 swaps in its unsharded parameter during the forward) is not
+        checked; `load_state_dict` handles its own replacements."""
+        weight, source = self.base_weight, self._factors_of
+        if (
+            source is not None
+            and weight is source[0]
+            and (weight._version != source[1] or weight.data_ptr() != source[2])
+        ):
+            self.refresh_factors()
+
+    def refresh_factors(self) -> None:
+        """Recompute U, S, Vh from the current base weight (through the SVD cache of wrap), e.g.
+        after writing the base weight in a way the version counter does not see (through a
+        `.data` alias: `base_weight.data.copy_(w)`). dS keeps its values, now in the new
+        weight's basis."""
+        weight = self.base_weight
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{self._name or 'SVDLinear'}: the base weight now has shape "
+                f"{tuple(weight.shape)}, but the module was wrapped as [{self.out_features}, "
+                f"{self.in_features}]; load weights of the same shape, or wrap the model again"
+            )
+        with torch.inference_mode(False), torch.no_grad():
+            U, S, Vh = svd_factors(weight.detach(), self._svd_cache)
+        self.U, self.S, self.Vh = U, S, Vh
+        self._merged, self._merged_from = None, None
+        self._factors_of = self._weight_identity()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # A plain (unwrapped) checkpoint names the base weight `<module>.weight`: accept it.
+        plain, wrapped = prefix + "weight", prefix + "base_weight"
+        if plain in state_dict and wrapped not in state_dict:
+            state_dict = {(wrapped if k == plain else k): v for k, v in state_dict.items()}
+        incoming = state_dict.get(wrapped)
+        unchanged = (
+            isinstance(incoming, torch.Tensor)
+            and incoming.shape == self.base_weight.shape
+            and torch.equal(
+                incoming.detach().to(self.base_weight.device, self.base_weight.dtype),
+                self.base_weight.detach(),
+            )
+        )
+        before = self.base_weight
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if incoming is None or self.base_weight.shape != (self.out_features, self.in_features):
+            return  # nothing loaded here, or a size mismatch torch reports itself
+        if unchanged and self.base_weight is before:
+            self._factors_of = self._weight_identity()  # the same values: U, S, Vh still hold
+        else:
+            self.refresh_factors()  # new weights (or a new Parameter, assign=True)
 
     def extra_repr(self) -> str:
         return (
@@ -423,6 +496,33 @@ class Adapter:
             for name, mod in self.modules.items():
                 mod.delta_S.copy_(state_dict[name].to(torch.float32))
         self.invalidate()  # the copies bump the version counter already; this keeps it explicit
+
+    # ---- files (vhack.adapter_files) ----------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the trained dS as adapter files into directory `path`: adapter_config.json
+        (targets, ranks, dtype, vhack version, the base model's fingerprint) and
+        adapter_model.safetensors ({module name: dS [r] float32}); no base weights. Reload with
+        `vhack.load_adapter(base_model, path)`. Returns the directory."""
+        from vhack.adapter_files import save_adapter
+
+        return save_adapter(self, path)
+
+    def load_pretrained(self, path: str | Path, strict: bool = True) -> None:
+        """Load dS saved by `save_pretrained` into this adapter (same targets and ranks; the base
+        weights are checked against the saved fingerprint: ValueError, or a warning with
+        strict=False). Nothing is written unless every check passes."""
+        from vhack.adapter_files import load_adapter_weights
+
+        load_adapter_weights(self, path, strict=strict)
+
+    def save_merged(self, path: str | Path, tokenizer=None) -> Path:
+        """Write the trained model as a plain Hugging Face model directory: merged weights
+        W + U diag(dS) Vh under the base model's names, no vhack names, plus the tokenizer when
+        given. `AutoModelForCausalLM.from_pretrained(path)` loads it: the way to serve (vLLM) or
+        publish it (upload the directory to the Hub). The wrapped model is not changed."""
+        from vhack.adapter_files import save_merged
+
+        return save_merged(self, path, tokenizer=tokenizer)
 
     def invalidate(self) -> None:
         """Recompute every module's merged weight at its next use.
@@ -675,7 +775,9 @@ def wrap(
     offset = 0
     for (name, lin), (U, S, Vh) in zip(chosen, factors, strict=True):
         span = (offset, offset + S.numel())
-        modules[name] = SVDLinear(lin, U, S, Vh, store, span, owns_store=not modules)
+        modules[name] = SVDLinear(
+            lin, U, S, Vh, store, span, owns_store=not modules, name=name, svd_cache=cache
+        )
         offset += S.numel()
     requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
     for param in model.parameters():
