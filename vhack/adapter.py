@@ -47,7 +47,15 @@ from vhack import ops
 from vhack.ops.svd_linear import check_segment_range
 from vhack.svd_cache import svd_cache_dir, svd_factors
 
-__all__ = ["DEFAULT_TARGETS", "Adapter", "DeltaParameter", "SVDLinear", "SegmentGrads", "wrap"]
+__all__ = [
+    "DEFAULT_TARGETS",
+    "Adapter",
+    "DeltaParameter",
+    "SVDLinear",
+    "SegmentGrads",
+    "peft_modules",
+    "wrap",
+]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -662,6 +670,17 @@ def _output_embedding_ids(model: nn.Module) -> set[int]:
     return {id(head)} if head is not None else set()
 
 
+def peft_modules(model: nn.Module) -> list[str]:
+    """Names of the modules of `model` that come from the PEFT library (LoRA layers and the
+    PeftModel wrappers; "" for the root): non-empty when PEFT was applied to it. Duck-typed, so
+    it needs no PEFT install."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if type(module).__module__.split(".")[0] == "peft"
+    ]
+
+
 def _resolve_targets(model: nn.Module, targets) -> list[tuple[str, nn.Linear]]:
     """(name, Linear) of every module `targets` selects, in model order; clear errors otherwise."""
     named = [(n, m) for n, m in model.named_modules() if n]
@@ -746,6 +765,13 @@ def wrap(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if any(isinstance(m, SVDLinear) for m in model.modules()):
         raise ValueError("model is already wrapped by vhack; call adapter.unwrap() first")
+    peft = peft_modules(model)
+    if peft:
+        raise ValueError(
+            f"model is a PEFT model ({len(peft)} PEFT modules, e.g. {peft[-1]!r}): vhack trains dS "
+            "of the base weights in place of LoRA and does not combine with PEFT; wrap the base "
+            "model instead (before get_peft_model, or peft_model.merge_and_unload())"
+        )
     chosen = _resolve_targets(model, targets)
     for name, lin in chosen:
         if lin.weight.dtype not in SUPPORTED_DTYPES:
