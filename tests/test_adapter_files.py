@@ -126,7 +126,7 @@ def _expected_after_loading_seed0(dS: torch.Tensor) -> torch.Tensor:
 def test_load_state_dict_of_a_wrapped_checkpoint_recomputes_the_factors():
     """The issue's scenario: a checkpoint with vhack names loaded into a model wrapped while its
     weights were still random (from_pretrained left them so): the factors follow the weights."""
-    model, adapter = _trained(seed=0)
+    model, _ = _trained(seed=0)
     checkpoint = model.state_dict()  # *.base_weight, *.vhack_store.delta, the rest
     want = _logits(model)
     random_init = vhack.models.tiny_model(seed=1)
