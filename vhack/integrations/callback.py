@@ -37,6 +37,13 @@ same model as the KL reference, no second model). With use_vllm=True the callbac
 weight sync send the merged dense weights under the base model's names (see
 `vhack.integrations.weights`).
 
+Saving: at on_init_end (and on_train_begin) the callback makes its trainer's `save_model`,
+checkpoints and `push_to_hub` write the adapter files (adapter_config.json +
+adapter_model.safetensors, dS only) instead of the base model under vhack's internal names, and
+`train(resume_from_checkpoint=...)` load them; see `vhack.integrations.checkpoints`. It also
+refuses, before TRL gets there, a PEFT-modified model and GRPOConfig(beta > 0) on a model TRL
+cannot reload as its reference.
+
 Not supported: DeepSpeed (the optimizer step runs inside backward, so no hook ever sees the
 gradient; a clear error is raised) and FSDP through the Trainer (the packed dS would be sharded by
 accelerate; use vhack.integrations.distributed in your own loop).
