@@ -6,7 +6,9 @@ architecture needs `<module>.weight = W + U diag(dS) Vh` instead, under the name
 model has. `merged_named_parameters` yields exactly the dense model's `named_parameters()` (names,
 order, values), one merged weight at a time; `merged_state_dict` gives the dense model's full
 `state_dict()`. `patch_vllm_sync` makes TRL's vLLM weight sync (server and colocate mode) send
-them (`VHackCallback` calls it when the trainer has use_vllm=True).
+them (`VHackCallback` calls it when the trainer has use_vllm=True); it refuses a TRL whose sync
+does not go through the method it replaces (SUPPORTED_TRL). To keep or serve the merged model
+after training, `adapter.save_merged(dir)` writes it as a Hugging Face model directory.
 """
 
 from __future__ import annotations
