@@ -11,7 +11,6 @@ import safetensors.torch
 import torch
 
 import vhack
-from vhack.adapter_files import AdapterFileError
 
 X = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
 
@@ -72,6 +71,8 @@ def test_a_base_model_with_another_fingerprint_is_refused(tmp_path):
 
 
 def test_load_pretrained_into_an_existing_adapter_and_bad_directories(tmp_path):
+    from vhack.adapter_files import AdapterFileError
+
     model, adapter = _trained()
     adapter.save_pretrained(tmp_path / "a")
     fresh = vhack.wrap(vhack.models.tiny_model(seed=0), progress=False, use_cache=False)
