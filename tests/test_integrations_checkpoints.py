@@ -92,17 +92,23 @@ def test_trl_run_saved_both_ways_reloads_in_a_fresh_process(tmp_path):
     from test_integrations_trl import _grpo
 
     model, adapter, basis = _wrapped()
-    trainer = _grpo(tmp_path / "run", model, [VHackCallback(vhack.Projector(adapter, basis))])
-    trainer.args.max_steps = 2
+    callbacks = [VHackCallback(vhack.Projector(adapter, basis))]
+    trainer = _grpo(
+        tmp_path / "run", model, callbacks, max_steps=2, save_strategy="steps", save_steps=2
+    )
     trainer.train()
     assert adapter.delta.abs().max() > 1e-3  # it trained
+    checkpoint = tmp_path / "run" / "checkpoint-2"  # TRL's own checkpoint holds the adapter files
+    assert {p.name for p in checkpoint.iterdir()} >= ADAPTER_FILES
+    assert not list(checkpoint.glob("model*.safetensors"))
     trainer.save_model(str(tmp_path / "adapter"))
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} >= ADAPTER_FILES
     adapter.save_merged(tmp_path / "merged", tokenizer=trainer.processing_class)
     x = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = model(input_ids=x).logits
     proc = subprocess.run(
-        [sys.executable, "-c", ROUND_TRIP, str(tmp_path / "adapter"), str(tmp_path / "merged"),
+        [sys.executable, "-c", ROUND_TRIP, str(checkpoint), str(tmp_path / "merged"),
          json.dumps(x.tolist())],
         cwd=ROOT, capture_output=True, text=True, timeout=180,
         env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
