@@ -29,6 +29,17 @@ The clock is process-wide, so any optimizer step re-merges every adapter once (c
 module per step). Writes that none of these see need `adapter.invalidate()` afterwards: through a
 `.data` alias kept from before, through `.data` of a view (`lin.delta_S.data`), or by kernels called
 directly (`torch._fused_adamw_`, custom CUDA) outside an optimizer step.
+
+Base weights written after wrapping. U, S, Vh are computed from the base weight at wrap time; if
+the weight changes later, each module recomputes them (through the SVD cache) so that the forward
+is W_new + U_new diag(dS) Vh_new, never new weights with stale factors:
+  * `model.load_state_dict` (wrapped names `*.base_weight` or plain `*.weight`, also assign=True):
+    at the load, only for modules whose weight really changed;
+  * an in-place write into `base_weight` (`copy_`: its version counter) or a `.data` assignment
+    (its storage moves): at the module's next forward (host-side counters, no device sync).
+Writes through a `.data` alias (`base_weight.data.copy_(w)`) are not seen: call
+`SVDLinear.refresh_factors()` after them. Saving and reloading a trained adapter:
+`vhack.adapter_files`.
 """
 
 from __future__ import annotations
@@ -527,7 +538,7 @@ class Adapter:
         """Write the trained model as a plain Hugging Face model directory: merged weights
         W + U diag(dS) Vh under the base model's names, no vhack names, plus the tokenizer when
         given. `AutoModelForCausalLM.from_pretrained(path)` loads it: the way to serve (vLLM) or
-        publish it (upload the directory to the Hub). The wrapped model is not changed."""
+        publish it (`from_pretrained(path).push_to_hub(repo)`, or upload the directory). The wrapped model is not changed."""
         from vhack.adapter_files import save_merged
 
         return save_merged(self, path, tokenizer=tokenizer)
