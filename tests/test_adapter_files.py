@@ -29,7 +29,7 @@ def _logits(model) -> torch.Tensor:
         return model(input_ids=X).logits
 
 
-# ---- adapter files --------------------------------------------------------------------------------
+# ---- adapter files -------------------------------------------------------------------------
 
 
 def test_save_pretrained_writes_only_dS_and_load_adapter_gives_the_same_logits(tmp_path):

@@ -538,7 +538,8 @@ class Adapter:
         """Write the trained model as a plain Hugging Face model directory: merged weights
         W + U diag(dS) Vh under the base model's names, no vhack names, plus the tokenizer when
         given. `AutoModelForCausalLM.from_pretrained(path)` loads it: the way to serve (vLLM) or
-        publish it (`from_pretrained(path).push_to_hub(repo)`, or upload the directory). The wrapped model is not changed."""
+        publish it (`from_pretrained(path).push_to_hub(repo)`, or upload the directory). The
+        wrapped model is not changed."""
         from vhack.adapter_files import save_merged
 
         return save_merged(self, path, tokenizer=tokenizer)

@@ -96,7 +96,7 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike) -> Path:
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
-    """True when `path` holds a vhack adapter (its adapter_config.json says format vhack-adapter)."""
+    """True when `path` holds a vhack adapter (adapter_config.json with format vhack-adapter)."""
     config = Path(path) / ADAPTER_CONFIG_NAME
     if not config.is_file():
         return False
@@ -119,10 +119,11 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
         config = json.loads(file.read_text())
     except ValueError as err:
         raise AdapterFileError(f"{file}: not valid JSON ({err})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+    found = config.get("format") if isinstance(config, dict) else None
+    if found != FORMAT:
         raise AdapterFileError(
-            f"{file}: not a vhack adapter (format {config.get('format') if isinstance(config, dict) else None!r}"
-            f", expected {FORMAT!r}); a PEFT adapter loads with peft, not vhack"
+            f"{file}: not a vhack adapter (format {found!r}, expected {FORMAT!r}); a PEFT "
+            "adapter loads with peft, not vhack"
         )
     if config.get("format_version") != FORMAT_VERSION:
         raise AdapterFileError(
