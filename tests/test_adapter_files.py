@@ -85,6 +85,10 @@ def test_load_pretrained_into_an_existing_adapter_and_bad_directories(tmp_path):
         other_targets.load_pretrained(tmp_path / "a")
     with pytest.raises(AdapterFileError, match="no adapter_config.json"):
         vhack.load_adapter(vhack.models.tiny_model(), tmp_path / "missing")
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(AdapterFileError, match="not a vhack adapter"):
+        vhack.load_adapter(vhack.models.tiny_model(), tmp_path / "peft")
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(AdapterFileError, match="cannot read it"):
         vhack.load_adapter(vhack.models.tiny_model(), tmp_path / "a")
