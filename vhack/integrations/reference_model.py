@@ -101,9 +101,11 @@ def _loadable(name_or_path: str) -> bool:
 
 
 def check_reference_source(args, model) -> None:
-    """UsageError when a TRL trainer with args.beta > 0 would build its reference model by
+    """UsageError when TRL's GRPOTrainer with args.beta > 0 would build its reference model by
     `from_pretrained(model.config._name_or_path)` and that name cannot be loaded (a model built
     or modified in memory). Called by VHackCallback at on_init_end, before TRL tries."""
+    if not any(cls.__name__ == "GRPOConfig" for cls in type(args).__mro__):
+        return  # other trainers' beta means something else (DPO: a temperature)
     beta = getattr(args, "beta", None)
     if not isinstance(beta, (int, float)) or beta <= 0 or model is None:
         return
