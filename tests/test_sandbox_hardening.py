@@ -254,6 +254,12 @@ def test_killed_grader_takes_its_program_and_files_with_it(tmp_path):
         left = _tagged_processes(tag)
         assert left == [], f"the program outlived its grader: {left}"
         assert os.listdir(tmpdir) == []
+        if REPORT.cgroup != "none":  # its empty cgroups go at the next grader's start
+            from vhack.sandbox import cgroups
+
+            cgroups.support.cache_clear()
+            for parent in cgroups.support().parents.values():
+                assert not [d for d in os.listdir(parent) if d.startswith(f"vhack-sbx-{proc.pid}-")]
     finally:
         proc.kill()
         for pid in _tagged_processes(tag):

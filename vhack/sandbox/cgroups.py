@@ -80,12 +80,26 @@ def support() -> CgroupSupport:
         why = "cgroup v2 only, which this sandbox does not drive yet" if v2 else "not mounted"
         return CgroupSupport("none", {}, f"cgroups: v1 {', '.join(missing)} {why}")
     parents = {c: os.path.join(mounts[c], own[c].lstrip("/")) for c in CONTROLLERS}
+    _remove_stale(parents)
     try:
         probe = RunCgroup(CgroupSupport("v1", parents, ""), memory_bytes=64 << 20, pids=8, cpus=1)
         probe.remove()
     except OSError as e:
         return CgroupSupport("none", {}, f"cgroups: v1 hierarchies not writable: {e}")
     return CgroupSupport("v1", parents, "cgroups: v1 memory, pids, cpu per program")
+
+
+def _remove_stale(parents: dict[str, str]) -> None:
+    """Remove run cgroups left by graders that were killed before cleaning up (their programs
+    died with them; an empty cgroup directory is all that is left)."""
+    for parent in parents.values():
+        with contextlib.suppress(OSError):
+            for name in os.listdir(parent):
+                parts = name.split("-")
+                ours = name.startswith("vhack-sbx-") and len(parts) == 4 and parts[2].isdigit()
+                if ours and not os.path.exists(f"/proc/{parts[2]}"):
+                    with contextlib.suppress(OSError):
+                        os.rmdir(os.path.join(parent, name))
 
 
 class RunCgroup:

@@ -153,16 +153,16 @@ def extract_code(completion: str) -> str:
     """The first fenced code block of a completion (an unclosed fence runs to the end), else the
     whole completion. A fence is ``` then optionally python / py / python3 (any case), spaces
     and tabs, then a newline. Linear time in len(completion)."""
-    start = 0
-    while (at := completion.find("```", start)) >= 0:
-        eol = completion.find("\n", at + 3)
+    line_start = 0
+    while (at := completion.find("```", line_start)) >= 0:
+        eol = completion.find("\n", at)
         if eol < 0:
             break
-        if completion[at + 3 : eol].strip(" \t").lower() in _FENCE_LANGS:
-            body = eol + 1
-            end = completion.find("```", body)
-            return completion[body:] if end < 0 else completion[body:end]
-        start = at + 3
+        last = completion.rfind("```", at, eol)  # only a line's last fence can open a block
+        if completion[last + 3 : eol].strip(" \t").lower() in _FENCE_LANGS:
+            end = completion.find("```", eol + 1)
+            return completion[eol + 1 :] if end < 0 else completion[eol + 1 : end]
+        line_start = eol + 1
     return completion
 
 
