@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from vhack.sandbox import Limits, Sandbox, probe
+from vhack.sandbox import Job, Limits, Sandbox, probe
 from vhack.sandbox._stage2 import SYSCALLS, seccomp_program
 from vhack.sandbox.launch import launch
 from vhack.sandbox.uids import UID_BASE, UID_COUNT
@@ -114,6 +114,20 @@ def test_printed_text_cannot_forge_the_exit_status(box):
 def test_harness_channel_is_fd_3_and_not_stdout(box):
     r = box.run("import os\nprint('to stdout')\nos.write(3, b'to the channel\\n')")
     assert r.ok and r.stdout == "to stdout\n" and r.channel == "to the channel\n", r
+
+
+@needs_ns
+def test_host_failure_to_start_a_run_is_that_runs_failure(box, monkeypatch):
+    """No pids left on the host (EAGAIN from fork): the run is a sandbox_error with a reason,
+    not an exception that loses a whole run_many batch."""
+
+    def no_fork(*args, **kwargs):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(subprocess, "Popen", no_fork)
+    results = box.run_many([Job("print(1)")] * 2)
+    assert [r.status for r in results] == ["sandbox_error"] * 2, results
+    assert "Resource temporarily unavailable" in results[0].reason
 
 
 @needs_ns

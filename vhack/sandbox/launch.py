@@ -267,13 +267,24 @@ def launch(
         "seccomp": bool(seccomp),
         "cgroups": [],
     }
-    cg = None
+    t0 = time.monotonic()
+    try:
+        return _launch_job(job, stdin, limits, sup, cleanup_uid=uid if is_root else None)
+    except OSError as e:  # the host could not start this run (no pids, fds, memory): its failure
+        reason = f"sandbox setup failed on the host: {type(e).__name__}: {e}"[:300]
+        return RunResult("sandbox_error", None, "", "", time.monotonic() - t0, reason)
+
+
+def _launch_job(job: dict, stdin: bytes, limits: Limits, sup, cleanup_uid: int | None) -> RunResult:
     with contextlib.ExitStack() as cleanup:
-        if mode == "process":  # namespace runs need no host directory at all
+        if job["mode"] == "process":  # namespace runs need no host directory at all
             _remove_stale_workdirs()
             job["workdir"] = tempfile.mkdtemp(prefix=f"vhack-sbx-{os.getpid()}-")
             cleanup.callback(shutil.rmtree, job["workdir"], ignore_errors=True)
+        cg = None
         if sup is not None and sup.version == "v1":
+            from vhack.sandbox import cgroups
+
             cg = cgroups.RunCgroup(
                 sup, memory_bytes=limits.memory_mb << 20, pids=limits.nproc, cpus=limits.cpus
             )
@@ -282,10 +293,9 @@ def launch(
         job_fd = os.memfd_create("vhack-sandbox-job", os.MFD_CLOEXEC)
         cleanup.callback(os.close, job_fd)
         os.write(job_fd, json.dumps(job).encode())
-        return _run(
-            job_fd, stdin, limits, cg, cleanup_uid=uid if (is_root and mode == "process") else None
-        )
-    raise AssertionError("unreachable")
+        if job["mode"] != "process":
+            cleanup_uid = None
+        return _run(job_fd, stdin, limits, cg, cleanup_uid)
 
 
 def _remove_stale_workdirs() -> None:
@@ -320,6 +330,15 @@ def _kill_uid(uid: int) -> None:
             continue
 
 
+def _kill_leftovers(cg: RunCgroup | None, uid: int | None) -> None:
+    """Kill what the program left running outside its process group (its cgroup; as root in
+    process mode, its uid)."""
+    if cg is not None:
+        cg.kill_all()
+    if uid is not None:
+        _kill_uid(uid)
+
+
 def _run(
     job_fd: int,
     stdin: bytes,
@@ -344,6 +363,10 @@ def _run(
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
             cwd="/",
         )
+    except BaseException:
+        os.close(result_r)
+        os.close(chan_r)
+        raise
     finally:
         os.close(result_w)
         os.close(chan_w)
@@ -390,6 +413,8 @@ def _run(
                 chunk = os.read(pipe.fileno(), 65536)
                 if not chunk:
                     sel.unregister(pipe)
+                    if pipe is res_pipe:  # the supervisor is gone: so is the program
+                        _kill_leftovers(cg, cleanup_uid)  # (namespaces: died with pid 1)
                     continue
                 if pipe is res_pipe:  # trusted, but bounded all the same
                     out[pipe] += chunk[: RESULT_BYTES - len(out[pipe])]
@@ -420,10 +445,7 @@ def _run(
         if proc.poll() is None:
             _kill_group(proc)
             proc.wait()
-        if cg is not None:
-            cg.kill_all()
-        if cleanup_uid is not None:
-            _kill_uid(cleanup_uid)
+        _kill_leftovers(cg, cleanup_uid)
     wall = time.monotonic() - t0
 
     def text(pipe, cap: int) -> str:
