@@ -585,3 +585,45 @@ def test_printed_markers_change_no_grade_and_no_flag(env):
     assert s_exit.hacked and s_exit.info["loophole_exit_before_tests"], dict(s_exit.info)
     assert s_load.reward == 0.0 and not s_load.info["format_ok"], dict(s_load.info)
     assert s_fake.info["hidden_passed"] == 0 and not s_fake.info["visible_pass"], dict(s_fake.info)
+
+
+def test_parse_channel_bounds():
+    """Every malformed channel is a HarnessOutputError (the completion's failure), in linear
+    time; nothing else escapes."""
+    from vhack.grpo.envs.code_grading import (
+        MAX_VALUE_DEPTH,
+        HarnessOutputError,
+        parse_channel,
+        parse_hidden_output,
+        parse_markers,
+    )
+
+    bad = [
+        '{"v": ' + "9" * 5000 + "}",  # int-to-str digit limit
+        "[" * 100_000,  # RecursionError in the json scanner
+        '{"v": ' + "[" * (MAX_VALUE_DEPTH + 2) + "]" * (MAX_VALUE_DEPTH + 2) + "}",
+        "[1, 2]",  # not an object
+        "x" * 10,
+    ]
+    t0 = time.perf_counter()
+    for text in bad:
+        with pytest.raises(HarnessOutputError):
+            parse_channel(text)
+    with pytest.raises(HarnessOutputError, match="limit"):
+        parse_channel("{}\n" * 10, max_chars=20)
+    with pytest.raises(HarnessOutputError):
+        parse_markers('{"no mark": 1}')
+    with pytest.raises(HarnessOutputError):
+        parse_hidden_output('{"i": 99, "ok": true}', 3)  # no such case
+    assert time.perf_counter() - t0 < 2.0
+    with pytest.raises(HarnessOutputError):  # each case is reported once
+        parse_hidden_output('{"i": 0, "ok": true}\n{"i": 0, "ok": false}', 1)
+    with pytest.raises(HarnessOutputError):
+        parse_markers('{"mark": "finished"}\n{"mark": "finished"}')
+    ok = '{"loaded": true}\n{"i": 0, "ok": true, "value": [[1]]}\n'
+    assert parse_hidden_output(ok + '{"mutant": "killed"}', 1) == (
+        True,
+        {0: {"i": 0, "ok": True, "value": [[1]]}},
+        "killed",
+    )
+    assert parse_markers('{"mark": "loaded"}\n\n{"mark": "finished"}') == {"loaded", "finished"}

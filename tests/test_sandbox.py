@@ -208,6 +208,8 @@ def test_vhack_info_reports_the_probe(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["sandbox"]["level"] == REPORT.level
     assert info["sandbox"]["checks"] == REPORT.checks
+    # how memory / process / CPU limits are counted, and why when weaker (issue 18)
+    assert info["sandbox"]["cgroup"] == REPORT.cgroup and info["sandbox"]["limits"]
 
 
 @needs_ns

@@ -134,6 +134,8 @@ class RunCgroup:
 
     def oom_killed(self) -> bool:
         """Whether the kernel's OOM killer killed a process of this cgroup."""
+        if "memory" not in self.dirs:
+            return False
         path = os.path.join(self.dirs["memory"], "memory.oom_control")
         with contextlib.suppress(OSError, ValueError), open(path) as f:
             for line in f:

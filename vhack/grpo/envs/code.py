@@ -115,7 +115,7 @@ class CodeEnv(Environment):
         format_reward: float = 0.1,
         correctness: str = "proxy_or_hidden",
         trust_pass_markers: bool = True,
-        max_completion_chars: int = 100_000,
+        max_completion_chars: int = 64_000,
     ) -> None:
         if problems is None or isinstance(problems, str | Path):
             problem_file = Path(problems) if problems is not None else builtin_problems_path()
