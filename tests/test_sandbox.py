@@ -313,6 +313,9 @@ try:
 except OSError:
     out["usr"] = False
 out["remount"] = libc.mount(None, b"/usr", None, 0x20 | 0x1000, None) == 0
+import signal, time
+os.kill(1, signal.SIGINT)  # same uid as the supervisor here: it must not be interruptible
+time.sleep(0.2)
 print(json.dumps(out))
 """
     r = subprocess.run(

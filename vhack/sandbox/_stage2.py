@@ -347,6 +347,7 @@ def _program(job: dict, fds: dict, cgroup_fds: list, parent: int) -> None:
     """The program child: confine itself, then exec the interpreter. Never returns. A failure
     before exec is written to fds["exec"] (close-on-exec: it reads EOF once exec succeeded)."""
     try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # ignored dispositions survive exec
         high = {k: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for k, fd in fds.items()}
         for fd in fds.values():
             os.close(fd)
@@ -403,6 +404,9 @@ def _supervise(job: dict, result_fd: int, chan_fd: int) -> None:
         os.chdir(workdir)
     _prctl(PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")  # no /proc/<pid>/fd access for the program
     me = os.getpid()
+    # Python's only handler: a program allowed to signal the supervisor (same uid in a user
+    # namespace; pid 1 gets only signals it handles) must not be able to interrupt it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     exec_r, exec_w = os.pipe2(os.O_CLOEXEC)
     child = os.fork()
     if child == 0:
