@@ -377,6 +377,28 @@ def test_probe_reports_how_limits_are_counted():
     json.dumps(d)
 
 
+def test_cgroup_support_says_why_not(monkeypatch):
+    from vhack.sandbox import cgroups
+
+    try:
+        cgroups.support.cache_clear()
+        monkeypatch.setattr(os, "geteuid", lambda: 1000)
+        sup = cgroups.support()
+        assert sup.version == "none" and "not root" in sup.note
+        cgroups.support.cache_clear()
+        monkeypatch.setattr(os, "geteuid", lambda: 0)
+        monkeypatch.setattr(cgroups, "_v1_mounts", lambda: {})
+        real_exists = os.path.exists
+        monkeypatch.setattr(
+            os.path, "exists", lambda p: p == "/sys/fs/cgroup/cgroup.controllers" or real_exists(p)
+        )
+        sup = cgroups.support()
+        assert sup.version == "none" and "cgroup v2" in sup.note, sup
+    finally:
+        monkeypatch.undo()
+        cgroups.support.cache_clear()
+
+
 def test_uid_leases_are_exclusive_and_released(tmp_path):
     from vhack.sandbox.uids import lease_uid
 

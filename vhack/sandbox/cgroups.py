@@ -77,8 +77,8 @@ def support() -> CgroupSupport:
     missing = [c for c in CONTROLLERS if c not in mounts or c not in own]
     if missing:
         v2 = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
-        why = "cgroup v2 only, which this sandbox does not drive yet" if v2 else "not mounted"
-        return CgroupSupport("none", {}, f"cgroups: v1 {', '.join(missing)} {why}")
+        why = "a cgroup v2 machine, which this sandbox does not drive yet" if v2 else "not mounted"
+        return CgroupSupport("none", {}, f"cgroups: no v1 {'/'.join(missing)} hierarchy ({why})")
     parents = {c: os.path.join(mounts[c], own[c].lstrip("/")) for c in CONTROLLERS}
     _remove_stale(parents)
     try:
