@@ -11,12 +11,14 @@ PPID the grader's pid. Process tree:
   then (namespace mode) unshares mount/pid/net/ipc/uts namespaces (plus a user namespace when not
   root) and forks the supervisor, which sets its own PDEATHSIG: a killed grader kills the outer
   stage, which kills the supervisor, and the death of a pid namespace's init kills everything in it.
-  In process mode the outer stage is the supervisor.
+  In process mode the outer stage is the supervisor. (PDEATHSIG fires when the *thread* that
+  forked the outer stage ends: `Sandbox` starts each run from the thread that waits for it.)
 - The supervisor stays privileged (it never runs program code), is not dumpable, and holds the
   only copy of RESULT_FD: the program does not inherit it and, running as another uid or without
   capabilities, cannot open /proc/1/fd. When the program exits, the supervisor writes one JSON line
   there: {"exit": status} or {"signal": number}, or {"setup_error": message} when the sandbox
-  could not be built. Nothing the program prints can change that line.
+  could not be built. Nothing the program prints can change that line. It ignores SIGINT, the
+  one signal Python handles, so a same-uid program (user-namespace mode) cannot interrupt it.
 - The program child joins its cgroups (if any), switches to the unprivileged uid (or drops every
   capability), sets PDEATHSIG again (a uid switch clears it), no_new_privs, the rlimits and the
   seccomp filter, and execs the interpreter. CHANNEL_FD becomes its fd 3 (the harness channel:
