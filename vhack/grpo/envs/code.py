@@ -235,7 +235,7 @@ class CodeEnv(Environment):
         info["loopholes"] = ",".join(k for k in LOOPHOLES if fired.get(k))
         return info
 
-    def _failed(self, reason: str, **extra: object) -> Score:
+    def _failed(self, reason: str) -> Score:
         """Score 0 for a completion the grader refused or could not grade, with the reason."""
         info = {
             "format_ok": False,
@@ -248,7 +248,6 @@ class CodeEnv(Environment):
             "hidden_status": "not_graded",
             "reason": reason[:400],
             **self._flags(),
-            **extra,
         }
         return Score(reward=0.0, solved=False, hacked=False, info=info)
 
