@@ -366,6 +366,18 @@ def test_no_seccomp_filter_means_no_namespace_sandbox(monkeypatch):
         probe(refresh=True)
 
 
+def test_probe_from_a_directory_the_sandbox_also_has(monkeypatch):
+    """Run from /tmp, the probe no longer mistakes the sandbox's own /tmp for a leaked host dir."""
+    if REPORT.level != "namespaces":
+        pytest.skip("namespace sandbox only")
+    monkeypatch.chdir("/tmp")
+    try:
+        assert probe(refresh=True).level == "namespaces", probe().notes
+    finally:
+        monkeypatch.undo()
+        probe(refresh=True)
+
+
 def test_probe_reports_how_limits_are_counted():
     d = REPORT.to_dict()
     assert d["cgroup"] in ("v1", "none")

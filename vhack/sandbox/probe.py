@@ -15,7 +15,7 @@ import platform
 from dataclasses import asdict, dataclass, field
 
 from vhack.sandbox import cgroups
-from vhack.sandbox.launch import SECCOMP_ARCHES, Limits, base_python, launch
+from vhack.sandbox.launch import SECCOMP_ARCHES, Limits, _system_binds, base_python, launch
 from vhack.sandbox.uids import lease_uid
 
 __all__ = ["LEVELS", "IsolationReport", "probe"]
@@ -166,9 +166,12 @@ def _probe_cached() -> IsolationReport:
     is_root = os.geteuid() == 0
     import vhack
 
-    secret_paths = [os.path.dirname(os.path.realpath(vhack.__file__)), os.getcwd()]
-    if os.path.realpath(os.getcwd()) == "/":
-        secret_paths.pop()
+    secret_paths = [os.path.dirname(os.path.realpath(vhack.__file__))]
+    cwd = os.path.realpath(os.getcwd())
+    sandbox_own = ("/", "/tmp", "/work", "/proc", "/dev")  # exist inside the sandbox too
+    system = _system_binds(base_python())
+    if cwd not in sandbox_own and not any(cwd == b or cwd.startswith(b + "/") for b in system):
+        secret_paths.append(cwd)
     checks: dict[str, bool] = {}
     notes: list[str] = []
     level = "none"
