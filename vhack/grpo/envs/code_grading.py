@@ -16,7 +16,8 @@ Two programs run per completion, each in its own sandbox, with the completion's 
 
 Nothing the program prints reaches the channel. The program shares its process with the harness,
 so code that deliberately writes to fd 3 can still forge a harness mark (a detector flag or the
-format credit, never `solved`): a limit of in-process harnesses. Everything the parent reads from
+format credit, never `solved`; a line the harness also writes then appears twice, which fails
+the completion): a limit of in-process harnesses. Everything the parent reads from
 a run is parsed in time linear in its size, within byte caps, and malformed output is that
 completion's failure (`HarnessOutputError`), never an exception out of the grader.
 """
