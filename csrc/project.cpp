@@ -64,63 +64,121 @@ Mode parse_mode(const std::string& mode) {
   TORCH_CHECK_VALUE(false, "mode must be one of hackward, both, reverse, measure; got '", mode, "'");
 }
 
-// c[j] = V_j . g for j < k, four rows at a time (four independent vector accumulators).
-template <typename acc_t, typename v_t>
-VHACK_INLINE void coefficients(const acc_t* g, const v_t* V, int64_t r, int64_t k, acc_t* c) {
-  int64_t j = 0;
-  for (; j + 4 <= k; j += 4) {
-    const v_t* v0 = V + j * r;
-    const v_t* v1 = v0 + r;
-    const v_t* v2 = v1 + r;
-    const v_t* v3 = v2 + r;
-    acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
+// The hot loops handle up to kGroup rows of V per pass over g (one vector accumulator per row:
+// with 8 rows, 8 independent FMA chains keep both FMA ports busy), so k <= 8 reads g once per
+// phase and k = 12 twice.
+constexpr int kGroup = 8;
+
+// c[j] = V_j . g for the N rows at v[0..N), and (when gsq != nullptr) gsq = |g|^2 in the same pass.
+template <int N, typename acc_t, typename v_t>
+VHACK_INLINE void dot_rows(const acc_t* g, const v_t* const* v, int64_t r, acc_t* c, acc_t* gsq) {
+  static_assert(N >= 1 && N <= kGroup, "1..8 rows per pass");
+  const v_t* v0 = v[0];
+  const v_t* v1 = N > 1 ? v[1] : v0;
+  const v_t* v2 = N > 2 ? v[2] : v0;
+  const v_t* v3 = N > 3 ? v[3] : v0;
+  const v_t* v4 = N > 4 ? v[4] : v0;
+  const v_t* v5 = N > 5 ? v[5] : v0;
+  const v_t* v6 = N > 6 ? v[6] : v0;
+  const v_t* v7 = N > 7 ? v[7] : v0;
+  acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0, s = 0;
+  const bool with_sq = gsq != nullptr;
+  if (with_sq) {
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7, s)
+    for (int64_t i = 0; i < r; ++i) {
+      const acc_t gi = g[i];
+      s += gi * gi;
+      a0 += static_cast<acc_t>(v0[i]) * gi;
+      if constexpr (N > 1) a1 += static_cast<acc_t>(v1[i]) * gi;
+      if constexpr (N > 2) a2 += static_cast<acc_t>(v2[i]) * gi;
+      if constexpr (N > 3) a3 += static_cast<acc_t>(v3[i]) * gi;
+      if constexpr (N > 4) a4 += static_cast<acc_t>(v4[i]) * gi;
+      if constexpr (N > 5) a5 += static_cast<acc_t>(v5[i]) * gi;
+      if constexpr (N > 6) a6 += static_cast<acc_t>(v6[i]) * gi;
+      if constexpr (N > 7) a7 += static_cast<acc_t>(v7[i]) * gi;
+    }
+    *gsq = s;
+  } else {
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7)
     for (int64_t i = 0; i < r; ++i) {
       const acc_t gi = g[i];
       a0 += static_cast<acc_t>(v0[i]) * gi;
-      a1 += static_cast<acc_t>(v1[i]) * gi;
-      a2 += static_cast<acc_t>(v2[i]) * gi;
-      a3 += static_cast<acc_t>(v3[i]) * gi;
+      if constexpr (N > 1) a1 += static_cast<acc_t>(v1[i]) * gi;
+      if constexpr (N > 2) a2 += static_cast<acc_t>(v2[i]) * gi;
+      if constexpr (N > 3) a3 += static_cast<acc_t>(v3[i]) * gi;
+      if constexpr (N > 4) a4 += static_cast<acc_t>(v4[i]) * gi;
+      if constexpr (N > 5) a5 += static_cast<acc_t>(v5[i]) * gi;
+      if constexpr (N > 6) a6 += static_cast<acc_t>(v6[i]) * gi;
+      if constexpr (N > 7) a7 += static_cast<acc_t>(v7[i]) * gi;
     }
-    c[j] = a0;
-    c[j + 1] = a1;
-    c[j + 2] = a2;
-    c[j + 3] = a3;
   }
-  for (; j < k; ++j) {
-    const v_t* v0 = V + j * r;
-    acc_t a0 = 0;
-#pragma omp simd reduction(+ : a0)
-    for (int64_t i = 0; i < r; ++i) a0 += static_cast<acc_t>(v0[i]) * g[i];
-    c[j] = a0;
+  const acc_t a[kGroup] = {a0, a1, a2, a3, a4, a5, a6, a7};
+  for (int j = 0; j < N; ++j) c[j] = a[j];
+}
+
+// out[i] = g[i] - sum_j p[j] v[j][i] for the N rows at v[0..N); returns |out|^2 (accumulated before
+// out's rounding to out_t). out may alias g (in place).
+template <int N, typename acc_t, typename v_t, typename out_t>
+VHACK_INLINE acc_t axpy_rows(const acc_t* g, const v_t* const* v, const acc_t* p, int64_t r,
+                             out_t* out) {
+  static_assert(N >= 1 && N <= kGroup, "1..8 rows per pass");
+  const v_t* v0 = v[0];
+  const v_t* v1 = N > 1 ? v[1] : v0;
+  const v_t* v2 = N > 2 ? v[2] : v0;
+  const v_t* v3 = N > 3 ? v[3] : v0;
+  const v_t* v4 = N > 4 ? v[4] : v0;
+  const v_t* v5 = N > 5 ? v[5] : v0;
+  const v_t* v6 = N > 6 ? v[6] : v0;
+  const v_t* v7 = N > 7 ? v[7] : v0;
+  const acc_t p0 = p[0], p1 = N > 1 ? p[1] : 0, p2 = N > 2 ? p[2] : 0, p3 = N > 3 ? p[3] : 0;
+  const acc_t p4 = N > 4 ? p[4] : 0, p5 = N > 5 ? p[5] : 0, p6 = N > 6 ? p[6] : 0;
+  const acc_t p7 = N > 7 ? p[7] : 0;
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < r; ++i) {
+    acc_t d = p0 * static_cast<acc_t>(v0[i]);
+    if constexpr (N > 1) d += p1 * static_cast<acc_t>(v1[i]);
+    if constexpr (N > 2) d += p2 * static_cast<acc_t>(v2[i]);
+    if constexpr (N > 3) d += p3 * static_cast<acc_t>(v3[i]);
+    if constexpr (N > 4) d += p4 * static_cast<acc_t>(v4[i]);
+    if constexpr (N > 5) d += p5 * static_cast<acc_t>(v5[i]);
+    if constexpr (N > 6) d += p6 * static_cast<acc_t>(v6[i]);
+    if constexpr (N > 7) d += p7 * static_cast<acc_t>(v7[i]);
+    const acc_t x = g[i] - d;
+    s += x * x;
+    out[i] = static_cast<out_t>(x);
+  }
+  return s;
+}
+
+// Runtime row count (1..8) -> the template above.
+template <typename acc_t, typename v_t>
+VHACK_INLINE void dot_group(int n, const acc_t* g, const v_t* const* v, int64_t r, acc_t* c,
+                            acc_t* gsq) {
+  switch (n) {
+    case 1: return dot_rows<1>(g, v, r, c, gsq);
+    case 2: return dot_rows<2>(g, v, r, c, gsq);
+    case 3: return dot_rows<3>(g, v, r, c, gsq);
+    case 4: return dot_rows<4>(g, v, r, c, gsq);
+    case 5: return dot_rows<5>(g, v, r, c, gsq);
+    case 6: return dot_rows<6>(g, v, r, c, gsq);
+    case 7: return dot_rows<7>(g, v, r, c, gsq);
+    default: return dot_rows<8>(g, v, r, c, gsq);
   }
 }
 
-// g -= sum_j phi[j] V_j, four rows at a time; rows with phi = 0 are not read. rows: scratch [k].
-template <typename acc_t, typename v_t>
-VHACK_INLINE void apply(acc_t* g, const v_t* V, int64_t r, int64_t k, const acc_t* phi,
-                        int64_t* rows) {
-  int64_t n_rows = 0;
-  for (int64_t j = 0; j < k; ++j)
-    if (phi[j] != 0) rows[n_rows++] = j;
-  int64_t j = 0;
-  for (; j + 4 <= n_rows; j += 4) {
-    const v_t* v0 = V + rows[j] * r;
-    const v_t* v1 = V + rows[j + 1] * r;
-    const v_t* v2 = V + rows[j + 2] * r;
-    const v_t* v3 = V + rows[j + 3] * r;
-    const acc_t p0 = phi[rows[j]], p1 = phi[rows[j + 1]];
-    const acc_t p2 = phi[rows[j + 2]], p3 = phi[rows[j + 3]];
-#pragma omp simd
-    for (int64_t i = 0; i < r; ++i)
-      g[i] -= p0 * static_cast<acc_t>(v0[i]) + p1 * static_cast<acc_t>(v1[i]) +
-              p2 * static_cast<acc_t>(v2[i]) + p3 * static_cast<acc_t>(v3[i]);
-  }
-  for (; j < n_rows; ++j) {
-    const v_t* v0 = V + rows[j] * r;
-    const acc_t p0 = phi[rows[j]];
-#pragma omp simd
-    for (int64_t i = 0; i < r; ++i) g[i] -= p0 * static_cast<acc_t>(v0[i]);
+template <typename acc_t, typename v_t, typename out_t>
+VHACK_INLINE acc_t axpy_group(int n, const acc_t* g, const v_t* const* v, const acc_t* p,
+                              int64_t r, out_t* out) {
+  switch (n) {
+    case 1: return axpy_rows<1>(g, v, p, r, out);
+    case 2: return axpy_rows<2>(g, v, p, r, out);
+    case 3: return axpy_rows<3>(g, v, p, r, out);
+    case 4: return axpy_rows<4>(g, v, p, r, out);
+    case 5: return axpy_rows<5>(g, v, p, r, out);
+    case 6: return axpy_rows<6>(g, v, p, r, out);
+    case 7: return axpy_rows<7>(g, v, p, r, out);
+    default: return axpy_rows<8>(g, v, p, r, out);
   }
 }
 
@@ -132,14 +190,40 @@ VHACK_INLINE acc_t sum_squares(const acc_t* x, int64_t n) {
   return s;
 }
 
-// Project one module in place and write its four statistics. buf: scratch [r]; c, rows: [k].
+// c = V g for the k rows of V [k, r] (groups of up to 8 rows); returns |g|^2, computed in the
+// first group's pass. rows: scratch [k].
+template <typename acc_t, typename v_t>
+VHACK_INLINE acc_t coefficients(const acc_t* g, const v_t* V, int64_t r, int64_t k, acc_t* c,
+                                const v_t** rows) {
+  if (k == 0) return sum_squares(g, r);
+  for (int64_t j = 0; j < k; ++j) rows[j] = V + j * r;
+  acc_t gsq = 0;
+  for (int64_t j = 0; j < k; j += kGroup) {
+    const int n = static_cast<int>(std::min<int64_t>(kGroup, k - j));
+    dot_group(n, g, rows + j, r, c + j, j == 0 ? &gsq : nullptr);
+  }
+  return gsq;
+}
+
+// Project one module in place and write its four statistics. buf: scratch [r] (unused for
+// gradients already in acc_t); c, phi, rows: scratch [k].
+//
+// Passes over the module: (1, bf16/fp16/fp64-basis only) g -> buf; (2) c = V g and |g|^2 together,
+// V streamed from memory; (3) g' = g - V^T phi over the rows with phi != 0 (V again, now from
+// L1/L2: a module's block is at most k x r x 4 bytes), |g'|^2 and the store to grad fused.
 template <typename g_t, typename v_t, typename acc_t>
 VHACK_INLINE void project_module(g_t* grad, const v_t* V, int64_t r, int64_t k, Mode mode,
                                  acc_t alpha, bool preserve_magnitude, acc_t* buf, acc_t* c,
-                                 int64_t* rows, float* stats) {
-  for (int64_t i = 0; i < r; ++i) buf[i] = static_cast<acc_t>(grad[i]);
-  const acc_t gsq = sum_squares(buf, r);
-  coefficients(buf, V, r, k, c);
+                                 acc_t* phi, const v_t** rows, float* stats) {
+  constexpr bool in_place = std::is_same_v<g_t, acc_t>;  // work on grad itself, no staging copy
+  acc_t* g;
+  if constexpr (in_place) {
+    g = grad;
+  } else {
+    for (int64_t i = 0; i < r; ++i) buf[i] = static_cast<acc_t>(grad[i]);
+    g = buf;
+  }
+  const acc_t gsq = coefficients(g, V, r, k, c, rows);
   acc_t csq = 0, rsq = 0;
   for (int64_t j = 0; j < k; ++j) {
     csq += c[j] * c[j];
@@ -153,23 +237,42 @@ VHACK_INLINE void project_module(g_t* grad, const v_t* V, int64_t r, int64_t k, 
     stats[3] = static_cast<float>(norm_before);
     return;
   }
-  // phi overwrites c: coefficients are not needed once phi is known.
+  // The rows that move g (phi != 0; in hackward mode about half of a random gradient's).
+  int64_t n_rows = 0;
   for (int64_t j = 0; j < k; ++j) {
     const acc_t cj = c[j];
-    c[j] = alpha * (mode == Mode::kHackward ? (cj > 0 ? cj : acc_t(0))
-                    : mode == Mode::kBoth   ? cj
-                                            : acc_t(2) * cj);
+    const acc_t p = alpha * (mode == Mode::kHackward ? (cj > 0 ? cj : acc_t(0))
+                             : mode == Mode::kBoth   ? cj
+                                                     : acc_t(2) * cj);
+    if (p != 0) {
+      rows[n_rows] = V + j * r;
+      phi[n_rows++] = p;
+    }
   }
-  apply(buf, V, r, k, c, rows);
-  acc_t nsq = sum_squares(buf, r);
-  // Rescale unless g lay in span(V) up to rounding (|g'| <= 1e-5 |g|, PRESERVE_MIN_RATIO of
-  // vhack.reference): stretching that residue to |g| would only amplify rounding noise.
-  if (preserve_magnitude && nsq > acc_t(1e-10) * gsq) {
-    const acc_t scale = norm_before / std::sqrt(nsq);
-    for (int64_t i = 0; i < r; ++i) buf[i] *= scale;
-    nsq = sum_squares(buf, r);
+  if (n_rows == 0) {  // g' = g: nothing to write
+    stats[3] = static_cast<float>(norm_before);
+    return;
   }
-  for (int64_t i = 0; i < r; ++i) grad[i] = static_cast<g_t>(buf[i]);
+  // All groups but the last update g in place; the last one writes g' to grad (rounded to its
+  // dtype) unless preserve_magnitude still has to rescale it.
+  int64_t j = 0;
+  for (; j + kGroup < n_rows; j += kGroup) axpy_group(kGroup, g, rows + j, phi + j, r, g);
+  const int last = static_cast<int>(n_rows - j);
+  acc_t nsq;
+  if (!preserve_magnitude) {
+    nsq = axpy_group(last, g, rows + j, phi + j, r, grad);
+  } else {
+    nsq = axpy_group(last, g, rows + j, phi + j, r, g);
+    // Rescale unless g lay in span(V) up to rounding (|g'| <= 1e-5 |g|, PRESERVE_MIN_RATIO of
+    // vhack.reference): stretching that residue to |g| would only amplify rounding noise.
+    if (nsq > acc_t(1e-10) * gsq) {
+      const acc_t scale = norm_before / std::sqrt(nsq);
+      for (int64_t i = 0; i < r; ++i) g[i] *= scale;
+      nsq = sum_squares(g, r);
+    }
+    if constexpr (!in_place)
+      for (int64_t i = 0; i < r; ++i) grad[i] = static_cast<g_t>(g[i]);
+  }
   stats[3] = static_cast<float>(std::sqrt(nsq));
 }
 
@@ -178,8 +281,9 @@ VHACK_INLINE void project_module(g_t* grad, const v_t* V, int64_t r, int64_t k, 
 #define VHACK_FLOAT_ENTRY(G)                                                                   \
   VHACK_CLONES void project_module_f32(G* grad, const float* V, int64_t r, int64_t k, Mode mode, \
                                        float alpha, bool preserve, float* buf, float* c,       \
-                                       int64_t* rows, float* stats) {                          \
-    project_module<G, float, float>(grad, V, r, k, mode, alpha, preserve, buf, c, rows, stats); \
+                                       float* phi, const float** rows, float* stats) {         \
+    project_module<G, float, float>(grad, V, r, k, mode, alpha, preserve, buf, c, phi, rows,   \
+                                    stats);                                                    \
   }
 VHACK_FLOAT_ENTRY(float)
 VHACK_FLOAT_ENTRY(c10::BFloat16)
@@ -188,11 +292,13 @@ VHACK_FLOAT_ENTRY(c10::Half)
 
 template <typename g_t, typename v_t, typename acc_t>
 void project_one(g_t* grad, const v_t* V, int64_t r, int64_t k, Mode mode, acc_t alpha,
-                 bool preserve, acc_t* buf, acc_t* c, int64_t* rows, float* stats) {
+                 bool preserve, acc_t* buf, acc_t* c, acc_t* phi, const v_t** rows,
+                 float* stats) {
   if constexpr (std::is_same_v<v_t, float> && std::is_same_v<acc_t, float>) {
-    project_module_f32(grad, V, r, k, mode, alpha, preserve, buf, c, rows, stats);
+    project_module_f32(grad, V, r, k, mode, alpha, preserve, buf, c, phi, rows, stats);
   } else {
-    project_module<g_t, v_t, acc_t>(grad, V, r, k, mode, alpha, preserve, buf, c, rows, stats);
+    project_module<g_t, v_t, acc_t>(grad, V, r, k, mode, alpha, preserve, buf, c, phi, rows,
+                                    stats);
   }
 }
 
@@ -267,13 +373,16 @@ void project_cpu(at::Tensor grad, const at::Tensor& offsets, const at::Tensor& b
     auto run = [&](auto* V) {
       std::atomic<int64_t> next{0};
       auto worker = [&] {
-        std::vector<acc_t> buf(std::max<int64_t>(max_r, 1)), c(std::max<int64_t>(max_k, 1));
-        std::vector<int64_t> rows(std::max<int64_t>(max_k, 1));
+        using v_t = std::remove_cv_t<std::remove_pointer_t<decltype(V)>>;
+        // No staging buffer for gradients already in acc_t (worked on in place).
+        std::vector<acc_t> buf(std::is_same_v<g_t, acc_t> ? 1 : std::max<int64_t>(max_r, 1));
+        std::vector<acc_t> c(std::max<int64_t>(max_k, 1)), phi(std::max<int64_t>(max_k, 1));
+        std::vector<const v_t*> rows(std::max<int64_t>(max_k, 1));
         for (int64_t i = next++; i < M; i = next++) {
           const int64_t m = order[i];
           project_one(g + off[m], V + boff[m], off[m + 1] - off[m], kk[m], mode,
                       static_cast<acc_t>(alpha), preserve_magnitude, buf.data(), c.data(),
-                      rows.data(), st + 4 * m);
+                      phi.data(), rows.data(), st + 4 * m);
         }
       };
       if (workers == 1) {
