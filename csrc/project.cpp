@@ -14,10 +14,14 @@
 // finite, are left untouched (stats[m, 3] = |g|). preserve_magnitude rescales g' to |g|
 // (unless |g'| <= 1e-5 |g|).
 //
-// The module's gradient is staged in a small per-worker buffer (r values, L1/L2-resident), so V is
-// streamed from memory twice per module at most (coefficients, then apply; rows with phi = 0 are
-// skipped in the apply) and g is read and written once. The two phases are separate functions so
-// that a sharded projection (partial coefficients, all-reduce, apply) can reuse them.
+// Memory passes per module: V is read from memory once (c = V g, |g|^2 in the same pass; up to 12
+// rows per pass on the float32 path), then the rows with phi != 0 are read again from L1/L2 (a
+// module's block is at most k x r x 4 bytes: 123 KB at k = 12, r = 2560) in the apply, which also
+// computes |g'|^2 and stores g'. A float32 gradient is worked on in place; other dtypes are
+// staged in a per-worker float buffer. Each worker claims its next module before finishing the
+// current one and prefetches its first lines, so memory stays busy across module boundaries.
+// The two phases are separate functions so that a sharded projection (partial coefficients,
+// all-reduce, apply) can reuse them.
 //
 // Registered with torch.library under the namespace "vhack_cpp" (Python custom ops live under
 // "vhack"); importing vhack._C loads this library and registers the op.
@@ -151,37 +155,6 @@ VHACK_INLINE acc_t axpy_rows(const acc_t* g, const v_t* const* v, const acc_t* p
   return s;
 }
 
-// Runtime row count (1..8) -> the template above.
-template <typename acc_t, typename v_t>
-VHACK_INLINE void dot_group(int n, const acc_t* g, const v_t* const* v, int64_t r, acc_t* c,
-                            acc_t* gsq) {
-  switch (n) {
-    case 1: return dot_rows<1>(g, v, r, c, gsq);
-    case 2: return dot_rows<2>(g, v, r, c, gsq);
-    case 3: return dot_rows<3>(g, v, r, c, gsq);
-    case 4: return dot_rows<4>(g, v, r, c, gsq);
-    case 5: return dot_rows<5>(g, v, r, c, gsq);
-    case 6: return dot_rows<6>(g, v, r, c, gsq);
-    case 7: return dot_rows<7>(g, v, r, c, gsq);
-    default: return dot_rows<8>(g, v, r, c, gsq);
-  }
-}
-
-template <typename acc_t, typename v_t, typename out_t>
-VHACK_INLINE acc_t axpy_group(int n, const acc_t* g, const v_t* const* v, const acc_t* p,
-                              int64_t r, out_t* out) {
-  switch (n) {
-    case 1: return axpy_rows<1>(g, v, p, r, out);
-    case 2: return axpy_rows<2>(g, v, p, r, out);
-    case 3: return axpy_rows<3>(g, v, p, r, out);
-    case 4: return axpy_rows<4>(g, v, p, r, out);
-    case 5: return axpy_rows<5>(g, v, p, r, out);
-    case 6: return axpy_rows<6>(g, v, p, r, out);
-    case 7: return axpy_rows<7>(g, v, p, r, out);
-    default: return axpy_rows<8>(g, v, p, r, out);
-  }
-}
-
 template <typename acc_t>
 VHACK_INLINE acc_t sum_squares(const acc_t* x, int64_t n) {
   acc_t s = 0;
@@ -190,17 +163,192 @@ VHACK_INLINE acc_t sum_squares(const acc_t* x, int64_t n) {
   return s;
 }
 
-// c = V g for the k rows of V [k, r] (groups of up to 8 rows); returns |g|^2, computed in the
-// first group's pass. rows: scratch [k].
+// Elements ahead of the one being read at which the lines of the same rows are prefetched
+// (2 KiB per row: a few hundred ns of memory latency at this core's share of the bandwidth).
+constexpr int64_t kPrefetchAhead = 512;
+
+// Where this worker's next module starts: its basis rows and its gradient, prefetched while the
+// current module is finished so that memory stays busy across module boundaries (no hardware
+// prefetcher follows a jump to another module, and each one restarts at every 4 KiB page).
+constexpr int kMaxStreams = 17;  // up to 16 basis rows and the gradient
+struct NextModule {
+  const char* start[kMaxStreams];
+  int64_t elem_bytes[kMaxStreams];
+  int n = 0;
+  int64_t r = 0;
+};
+
+// Prefetch one cache line of every stream of `next` at element offset pos (nothing past its end).
+VHACK_INLINE void prefetch_next(const NextModule* next, int64_t pos) {
+#if defined(__GNUC__)
+  if (next == nullptr || pos >= next->r) return;
+  for (int s = 0; s < next->n; ++s) __builtin_prefetch(next->start[s] + next->elem_bytes[s] * pos);
+#else
+  (void)next;
+  (void)pos;
+#endif
+}
+
+#if defined(__GNUC__)
+#define VHACK_VECTOR_PATH 1
+// Eight floats as one value (GCC/clang vector extension): one AVX register in the x86-64-v3 clone,
+// two SSE registers in the baseline one. Loads and stores go through memcpy: no alignment assumed.
+typedef float vf8 __attribute__((vector_size(32)));
+VHACK_INLINE vf8 load8(const float* p) {
+  vf8 x;
+  __builtin_memcpy(&x, p, sizeof(x));
+  return x;
+}
+VHACK_INLINE float hsum8(vf8 x) {
+  return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
+}
+constexpr int kGroupF32 = 12;  // 12 accumulators + g + a temporary: 14 of the 16 AVX registers
+
+// c[j] = V_j . g for N <= 12 rows (and gsq = |g|^2 when WITH_SQ), 16 floats (a cache line per
+// row) per step; lines kPrefetchAhead elements ahead are requested, and past the end of the
+// rows the next module's first lines.
+template <int N, bool WITH_SQ>
+VHACK_INLINE void dot_rows_f32(const float* g, const float* const* v, int64_t r, float* c,
+                               float* gsq, const NextModule* next) {
+  static_assert(N >= 1 && N <= kGroupF32, "1..12 rows per pass");
+  const float* vv[N];
+#pragma GCC unroll 12
+  for (int j = 0; j < N; ++j) vv[j] = v[j];
+  vf8 a[N];
+#pragma GCC unroll 12
+  for (int j = 0; j < N; ++j) a[j] = vf8{};
+  vf8 s = {};
+  const int64_t ahead = kPrefetchAhead;
+  int64_t i = 0;
+  for (; i + 16 <= r; i += 16) {
+    const int64_t pf = i + ahead;
+    if (pf < r) {
+#pragma GCC unroll 12
+      for (int j = 0; j < N; ++j) __builtin_prefetch(vv[j] + pf);
+      __builtin_prefetch(g + pf);
+    } else {
+      prefetch_next(next, pf - r);
+    }
+    const vf8 g0 = load8(g + i), g1 = load8(g + i + 8);
+    if constexpr (WITH_SQ) s += g0 * g0 + g1 * g1;
+#pragma GCC unroll 12
+    for (int j = 0; j < N; ++j) a[j] += load8(vv[j] + i) * g0 + load8(vv[j] + i + 8) * g1;
+  }
+  float tail[N] = {};
+  float tail_sq = 0;
+  for (; i < r; ++i) {
+    tail_sq += g[i] * g[i];
+    for (int j = 0; j < N; ++j) tail[j] += vv[j][i] * g[i];
+  }
+  for (int j = 0; j < N; ++j) c[j] = hsum8(a[j]) + tail[j];
+  if constexpr (WITH_SQ) *gsq = hsum8(s) + tail_sq;
+}
+
+// out = g - sum_j p[j] V_j over N <= 12 rows; returns |out|^2 (before out's rounding). out may
+// alias g. While it runs (from cache), the next module's lines are requested.
+template <int N, typename out_t>
+VHACK_INLINE float axpy_rows_f32(const float* g, const float* const* v, const float* p,
+                                 int64_t r, out_t* out, const NextModule* next) {
+  static_assert(N >= 1 && N <= kGroupF32, "1..12 rows per pass");
+  const float* vv[N];
+  float pp[N];
+#pragma GCC unroll 12
+  for (int j = 0; j < N; ++j) {
+    vv[j] = v[j];
+    pp[j] = p[j];
+  }
+  vf8 s = {};
+  const int64_t ahead = kPrefetchAhead;
+  int64_t i = 0;
+  for (; i + 8 <= r; i += 8) {
+    if ((i & 15) == 0) prefetch_next(next, ahead + i);
+    vf8 d = pp[0] * load8(vv[0] + i);
+#pragma GCC unroll 12
+    for (int j = 1; j < N; ++j) d += pp[j] * load8(vv[j] + i);
+    const vf8 x = load8(g + i) - d;
+    s += x * x;
+    if constexpr (std::is_same_v<out_t, float>) {
+      __builtin_memcpy(out + i, &x, sizeof(x));
+    } else {
+      for (int l = 0; l < 8; ++l) out[i + l] = static_cast<out_t>(x[l]);
+    }
+  }
+  float tail_sq = 0;
+  for (; i < r; ++i) {
+    float d = 0;
+    for (int j = 0; j < N; ++j) d += pp[j] * vv[j][i];
+    const float x = g[i] - d;
+    tail_sq += x * x;
+    out[i] = static_cast<out_t>(x);
+  }
+  return hsum8(s) + tail_sq;
+}
+#endif
+
+// Rows per pass: 12 on the float32 vector path, 8 on the generic one.
+template <typename acc_t, typename v_t>
+constexpr int group_size() {
+#if defined(VHACK_VECTOR_PATH)
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<v_t, float>) return kGroupF32;
+#endif
+  return kGroup;
+}
+
+#define VHACK_CASES_8(CALL) \
+  case 1: CALL(1); case 2: CALL(2); case 3: CALL(3); case 4: CALL(4); \
+  case 5: CALL(5); case 6: CALL(6); case 7: CALL(7); default: CALL(8);
+#define VHACK_CASES_12(CALL) \
+  case 1: CALL(1); case 2: CALL(2); case 3: CALL(3); case 4: CALL(4); case 5: CALL(5); \
+  case 6: CALL(6); case 7: CALL(7); case 8: CALL(8); case 9: CALL(9); case 10: CALL(10); \
+  case 11: CALL(11); default: CALL(12);
+
+// Runtime row count (1..group_size) -> the templates above. next: the module to prefetch, or null.
+template <typename acc_t, typename v_t>
+VHACK_INLINE void dot_group(int n, const acc_t* g, const v_t* const* v, int64_t r, acc_t* c,
+                            acc_t* gsq, const NextModule* next) {
+#if defined(VHACK_VECTOR_PATH)
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<v_t, float>) {
+#define VHACK_DOT(N)                                                   \
+  return gsq ? dot_rows_f32<N, true>(g, v, r, c, gsq, next) \
+             : dot_rows_f32<N, false>(g, v, r, c, gsq, next)
+    switch (n) { VHACK_CASES_12(VHACK_DOT) }
+#undef VHACK_DOT
+  }
+#endif
+  (void)next;
+#define VHACK_DOT(N) return dot_rows<N>(g, v, r, c, gsq)
+  switch (n) { VHACK_CASES_8(VHACK_DOT) }
+#undef VHACK_DOT
+}
+
+template <typename acc_t, typename v_t, typename out_t>
+VHACK_INLINE acc_t axpy_group(int n, const acc_t* g, const v_t* const* v, const acc_t* p,
+                              int64_t r, out_t* out, const NextModule* next) {
+#if defined(VHACK_VECTOR_PATH)
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<v_t, float>) {
+#define VHACK_AXPY(N) return axpy_rows_f32<N>(g, v, p, r, out, next)
+    switch (n) { VHACK_CASES_12(VHACK_AXPY) }
+#undef VHACK_AXPY
+  }
+#endif
+  (void)next;
+#define VHACK_AXPY(N) return axpy_rows<N>(g, v, p, r, out)
+  switch (n) { VHACK_CASES_8(VHACK_AXPY) }
+#undef VHACK_AXPY
+}
+
+// c = V g for the k rows of V [k, r], group_size rows per pass; returns |g|^2, computed in the
+// first pass. The last pass prefetches the start of `next`. rows: scratch [k].
 template <typename acc_t, typename v_t>
 VHACK_INLINE acc_t coefficients(const acc_t* g, const v_t* V, int64_t r, int64_t k, acc_t* c,
-                                const v_t** rows) {
+                                const v_t** rows, const NextModule* next) {
+  constexpr int G = group_size<acc_t, v_t>();
   if (k == 0) return sum_squares(g, r);
   for (int64_t j = 0; j < k; ++j) rows[j] = V + j * r;
   acc_t gsq = 0;
-  for (int64_t j = 0; j < k; j += kGroup) {
-    const int n = static_cast<int>(std::min<int64_t>(kGroup, k - j));
-    dot_group(n, g, rows + j, r, c + j, j == 0 ? &gsq : nullptr);
+  for (int64_t j = 0; j < k; j += G) {
+    const int n = static_cast<int>(std::min<int64_t>(G, k - j));
+    dot_group(n, g, rows + j, r, c + j, j == 0 ? &gsq : nullptr, j + n == k ? next : nullptr);
   }
   return gsq;
 }
@@ -214,7 +362,8 @@ VHACK_INLINE acc_t coefficients(const acc_t* g, const v_t* V, int64_t r, int64_t
 template <typename g_t, typename v_t, typename acc_t>
 VHACK_INLINE void project_module(g_t* grad, const v_t* V, int64_t r, int64_t k, Mode mode,
                                  acc_t alpha, bool preserve_magnitude, acc_t* buf, acc_t* c,
-                                 acc_t* phi, const v_t** rows, float* stats) {
+                                 acc_t* phi, const v_t** rows, float* stats,
+                                 const NextModule* next) {
   constexpr bool in_place = std::is_same_v<g_t, acc_t>;  // work on grad itself, no staging copy
   acc_t* g;
   if constexpr (in_place) {
@@ -223,7 +372,7 @@ VHACK_INLINE void project_module(g_t* grad, const v_t* V, int64_t r, int64_t k, 
     for (int64_t i = 0; i < r; ++i) buf[i] = static_cast<acc_t>(grad[i]);
     g = buf;
   }
-  const acc_t gsq = coefficients(g, V, r, k, c, rows);
+  const acc_t gsq = coefficients(g, V, r, k, c, rows, next);
   acc_t csq = 0, rsq = 0;
   for (int64_t j = 0; j < k; ++j) {
     csq += c[j] * c[j];
@@ -255,14 +404,15 @@ VHACK_INLINE void project_module(g_t* grad, const v_t* V, int64_t r, int64_t k, 
   }
   // All groups but the last update g in place; the last one writes g' to grad (rounded to its
   // dtype) unless preserve_magnitude still has to rescale it.
+  constexpr int G = group_size<acc_t, v_t>();
   int64_t j = 0;
-  for (; j + kGroup < n_rows; j += kGroup) axpy_group(kGroup, g, rows + j, phi + j, r, g);
+  for (; j + G < n_rows; j += G) axpy_group(G, g, rows + j, phi + j, r, g, nullptr);
   const int last = static_cast<int>(n_rows - j);
   acc_t nsq;
   if (!preserve_magnitude) {
-    nsq = axpy_group(last, g, rows + j, phi + j, r, grad);
+    nsq = axpy_group(last, g, rows + j, phi + j, r, grad, next);
   } else {
-    nsq = axpy_group(last, g, rows + j, phi + j, r, g);
+    nsq = axpy_group(last, g, rows + j, phi + j, r, g, next);
     // Rescale unless g lay in span(V) up to rounding (|g'| <= 1e-5 |g|, PRESERVE_MIN_RATIO of
     // vhack.reference): stretching that residue to |g| would only amplify rounding noise.
     if (nsq > acc_t(1e-10) * gsq) {
@@ -281,9 +431,10 @@ VHACK_INLINE void project_module(g_t* grad, const v_t* V, int64_t r, int64_t k, 
 #define VHACK_FLOAT_ENTRY(G)                                                                   \
   VHACK_CLONES void project_module_f32(G* grad, const float* V, int64_t r, int64_t k, Mode mode, \
                                        float alpha, bool preserve, float* buf, float* c,       \
-                                       float* phi, const float** rows, float* stats) {         \
+                                       float* phi, const float** rows, float* stats,           \
+                                       const NextModule* next) {                               \
     project_module<G, float, float>(grad, V, r, k, mode, alpha, preserve, buf, c, phi, rows,   \
-                                    stats);                                                    \
+                                    stats, next);                                              \
   }
 VHACK_FLOAT_ENTRY(float)
 VHACK_FLOAT_ENTRY(c10::BFloat16)
@@ -293,12 +444,12 @@ VHACK_FLOAT_ENTRY(c10::Half)
 template <typename g_t, typename v_t, typename acc_t>
 void project_one(g_t* grad, const v_t* V, int64_t r, int64_t k, Mode mode, acc_t alpha,
                  bool preserve, acc_t* buf, acc_t* c, acc_t* phi, const v_t** rows,
-                 float* stats) {
+                 float* stats, const NextModule* next) {
   if constexpr (std::is_same_v<v_t, float> && std::is_same_v<acc_t, float>) {
-    project_module_f32(grad, V, r, k, mode, alpha, preserve, buf, c, phi, rows, stats);
+    project_module_f32(grad, V, r, k, mode, alpha, preserve, buf, c, phi, rows, stats, next);
   } else {
     project_module<g_t, v_t, acc_t>(grad, V, r, k, mode, alpha, preserve, buf, c, phi, rows,
-                                    stats);
+                                    stats, next);
   }
 }
 
@@ -378,11 +529,30 @@ void project_cpu(at::Tensor grad, const at::Tensor& offsets, const at::Tensor& b
         std::vector<acc_t> buf(std::is_same_v<g_t, acc_t> ? 1 : std::max<int64_t>(max_r, 1));
         std::vector<acc_t> c(std::max<int64_t>(max_k, 1)), phi(std::max<int64_t>(max_k, 1));
         std::vector<const v_t*> rows(std::max<int64_t>(max_k, 1));
-        for (int64_t i = next++; i < M; i = next++) {
+        // Each worker claims its next module before finishing the current one, so that the
+        // current one's last pass can prefetch it.
+        NextModule ahead;
+        int64_t i = next++;
+        while (i < M) {
+          const int64_t i_next = next++;
+          const NextModule* pf = nullptr;
+          if (i_next < M) {
+            const int64_t m = order[i_next];
+            ahead.r = off[m + 1] - off[m];
+            ahead.n = 0;
+            ahead.start[ahead.n] = reinterpret_cast<const char*>(g + off[m]);
+            ahead.elem_bytes[ahead.n++] = sizeof(g_t);
+            for (int64_t j = 0; j < kk[m] && ahead.n < kMaxStreams; ++j) {
+              ahead.start[ahead.n] = reinterpret_cast<const char*>(V + boff[m] + j * ahead.r);
+              ahead.elem_bytes[ahead.n++] = sizeof(*V);
+            }
+            pf = &ahead;
+          }
           const int64_t m = order[i];
           project_one(g + off[m], V + boff[m], off[m + 1] - off[m], kk[m], mode,
                       static_cast<acc_t>(alpha), preserve_magnitude, buf.data(), c.data(),
-                      phi.data(), rows.data(), st + 4 * m);
+                      phi.data(), rows.data(), st + 4 * m, pf);
+          i = i_next;
         }
       };
       if (workers == 1) {
