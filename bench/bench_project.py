@@ -440,7 +440,7 @@ def plot(rows: list[dict], env: dict, path: Path) -> None:
     import matplotlib.ticker
 
     ks = sorted({r["k"] for r in rows}, reverse=True)
-    fig, axes = plt.subplots(1, len(ks), figsize=(6 * len(ks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(ks), figsize=(6 * len(ks), 5), squeeze=False)
     for ax, k in zip(axes[0], ks, strict=True):
         sub = [r for r in rows if r["k"] == k and "net_ms" in r]
         names = [r["provider"] for r in sub]
@@ -467,7 +467,7 @@ def plot(rows: list[dict], env: dict, path: Path) -> None:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("ms per projection of all modules (median, log)")
         ax.set_title(f"k = {k}, {sub[0]['modules']} modules, R = {sub[0]['R_total']}")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, ncol=2)
     flush_mb = rows[0]["flush_mb"]
     cache = f"bars: after a {flush_mb} MB cache flush" if flush_mb else "warm cache, no flush"
     fig.suptitle(
