@@ -158,3 +158,45 @@ def test_overwrite_removes_the_old_runs_checkpoints(tmp_path, capsys):
     assert rc == 0, err
     assert history_steps(out) == [0, 1]  # the new run continued, not the old one
     assert (out / "notes").is_dir()
+
+
+def test_a_train_run_killed_mid_run_resumes(tmp_path, capsys):
+    """kill -9 of a real `vhack train` once it has checkpointed, at a random point of a later
+    step; `--resume` continues from the newest readable checkpoint, every step logged once."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    import warnings
+    from pathlib import Path
+
+    from vhack.grpo.checkpoint import read_history
+
+    out = tmp_path / "run"
+    argv = [*SMALL, "--checkpoint-every", "1", "--out", str(out)]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vhack", "train", *argv, "--steps", "400"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint-0000002").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+        time.sleep(random.uniform(0.0, 0.5))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a torn last line is dropped with a warning
+        done = len(read_history(out / "history.jsonl"))
+    assert done >= 2
+    rc, err = run_cli(["train", *argv, "--resume", "--steps", str(done + 2)], capsys)
+    assert rc == 0, err
+    assert history_steps(out) == list(range(done + 2))
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]

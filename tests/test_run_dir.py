@@ -93,3 +93,21 @@ def test_an_empty_or_new_folder_is_claimed_with_a_manifest(tmp_path):
     assert not (out / ".summary.json.vhack-tmp-99-1").exists()
     with pytest.raises(UsageError, match="is a file"):
         claim_run_dir(out / MANIFEST, "vhack demo", DEMO_OUTPUTS, overwrite=False)
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--out", "{plain}"], "--out"),
+        (["--out", "{plain}/demo"], "is a file, not a directory"),
+        (["--marker-reward", "nan"], "--marker-reward"),
+        (["--steps", "0"], "steps must be >= 1"),
+        (["--arms", "vanilla,sideways"], "unknown arm"),
+    ],
+)
+def test_demo_user_errors_are_one_line_before_any_work(extra, fragment, tmp_path, capsys, no_work):
+    plain = tmp_path / "plain"
+    plain.write_text("x\n")
+    argv = ["demo", "--quick", "--out", str(tmp_path / "d"), *extra]
+    err = one_line_error(capsys, [a.format(plain=plain) for a in argv])
+    assert fragment in err
