@@ -255,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             adapter = vhack.wrap(model, targets=targets, progress=not args.quiet)
         except (ValueError, TypeError) as err:
+            if "target" not in str(err):  # e.g. a NaN weight: not the flag's fault
+                raise
             raise UsageError(f"--targets {args.targets}: {err}") from None
         if basis is not None:
             try:
