@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
+import torch
 
 import vhack
+from vhack.grpo.arms import random_basis
 from vhack.grpo.checkpoint import read_history, read_latest
 from vhack.grpo.config import GRPOConfig
 from vhack.grpo.envs.toy import ToyEnv
@@ -32,19 +35,26 @@ def trainer(out: Path, steps: int = 2) -> GRPOTrainer:
     tok = vhack.models.byte_tokenizer()
     adapter = vhack.wrap(model, targets="all-linear", use_cache=False, progress=False)
     env = ToyEnv()
-    basis = vhack.extract(adapter, tok, env.hack_pairs(), top_k=2, n_heldout=0, progress=False)
+    zeros = {n: torch.zeros(2, r) for n, r in zip(adapter.names, adapter.ranks, strict=True)}
+    basis = random_basis(zeros, seed=7)  # any orthonormal basis: extraction is not tested here
     cfg = GRPOConfig(
         steps=steps, prompts_per_step=2, num_generations=4, k=2, top_k=2, checkpoint_every=1
     )
     return GRPOTrainer(adapter, tok, env, cfg, hack_basis=basis, out_dir=out)
 
 
-@pytest.fixture
-def run_dir(tmp_path):
-    """A run directory after 2 steps: checkpoint-0000001, checkpoint-0000002, 2 history lines."""
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
     trainer(out).train()
     return out
+
+
+@pytest.fixture
+def run_dir(trained, tmp_path):
+    """A run directory after 2 steps: checkpoint-0000001, checkpoint-0000002, 2 history lines
+    (a copy of one trained once per module)."""
+    return Path(shutil.copytree(trained, tmp_path / "run"))
 
 
 def test_a_truncated_newest_checkpoint_falls_back_to_the_previous(run_dir):

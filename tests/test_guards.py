@@ -14,9 +14,10 @@ import vhack
 from vhack.validate import load_samples
 
 
-@pytest.fixture
-def toy(tiny):
-    model, tok = tiny
+@pytest.fixture(scope="module")
+def toy():
+    """(adapter, tokenizer, basis) of the tiny model, shared by the module's tests (built once)."""
+    model, tok = vhack.models.load("tiny", seed=0)
     adapter = vhack.wrap(model, use_cache=False, progress=False)
     basis = vhack.extract(adapter, tok, vhack.builtin_pairs("toy"), top_k=2, progress=False)
     return adapter, tok, basis
