@@ -62,7 +62,7 @@ def check_writable(path: str | os.PathLike, flag: str, *, directory: bool) -> Pa
     path = Path(path).expanduser()
     if path.exists():
         if directory and not path.is_dir():
-            raise UsageError(f"{flag} {path}: exists and is not a directory")
+            raise UsageError(f"{flag} {path}: is a file, not a directory")
         if not directory and path.is_dir():
             raise UsageError(
                 f"{flag} {path}: is a directory; pass a file name, e.g. {path / 'basis.safetensors'}"

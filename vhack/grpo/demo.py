@@ -15,13 +15,13 @@ import multiprocessing
 import os
 import platform
 import queue
-import shutil
 import statistics
 import time
 from pathlib import Path
 
-from vhack.errors import UsageError
+from vhack.files import atomic_path, atomic_write_text
 from vhack.grpo.demo_settings import DemoSettings  # re-exported: vhack.grpo.demo.DemoSettings
+from vhack.grpo.run_dir import claim_run_dir
 
 __all__ = ["DemoSettings", "format_table", "run_demo", "summarize"]
 
@@ -168,21 +168,37 @@ def _drain(futures: dict, q, bar) -> dict:
     return results
 
 
+# What the demo writes in its output directory (all it writes there; see vhack.grpo.run_dir)
+DEMO_OUTPUTS = (
+    "summary.json",
+    "history.jsonl",
+    "hack_rate.png",
+    "report.md",
+    "validation",
+    "runs",
+    "cache",
+)
+
+
 def run_demo(
-    out: str | os.PathLike = "vhack-demo", settings: DemoSettings | None = None, *, progress=True
+    out: str | os.PathLike = "vhack-demo",
+    settings: DemoSettings | None = None,
+    *,
+    progress=True,
+    overwrite: bool = False,
 ) -> dict:
-    """Run the demo and write its files to `out`; returns the summary (see `summarize`)."""
+    """Run the demo and write its files to `out`; returns the summary (see `summarize`).
+
+    `out` must be new, empty or hold a previous demo run; with overwrite=True a previous demo
+    run's files are replaced, and files the demo did not write are kept (UsageError if one has a
+    name the demo writes). Every file is written atomically."""
     from tqdm.auto import tqdm
 
     import vhack
 
     settings = settings or DemoSettings()
     settings.check()
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out {out_dir} is a file; give a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out_dir / "runs", ignore_errors=True)
+    out_dir = claim_run_dir(out, "vhack demo", DEMO_OUTPUTS, overwrite=overwrite)
     workers = settings.workers or os.cpu_count() or 1
     cache_root = vhack.cache.cache_dir() / "toy-warm" if settings.cache else None
 
@@ -236,9 +252,7 @@ def run_demo(
         for seed in settings.seeds:
             path = out_dir / "runs" / f"{arm}-seed{seed}" / "history.jsonl"
             history += [json.loads(line) for line in path.read_text().splitlines() if line]
-    with open(out_dir / "history.jsonl", "w") as f:
-        for record in history:
-            f.write(json.dumps(record) + "\n")
+    atomic_write_text(out_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     summary = summarize(history, settings)
     summary.update(
         wall_seconds=wall,
@@ -253,9 +267,10 @@ def run_demo(
             "torch_threads_per_process": 1,
         },
     )
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_history(history, settings, out_dir / "hack_rate.png")
-    (out_dir / "report.md").write_text(_report_md(summary))
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    with atomic_path(out_dir / "hack_rate.png") as tmp:
+        plot_history(history, settings, tmp)
+    atomic_write_text(out_dir / "report.md", _report_md(summary))
     return summary
 
 
@@ -402,7 +417,7 @@ def plot_history(history: list[dict], settings: DemoSettings, path: Path) -> Non
         fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # path may be a temporary name
     plt.close(fig)
 
 

@@ -7,6 +7,7 @@ from GRPOConfig, so each default is written once.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 from vhack.errors import UsageError
@@ -50,6 +51,9 @@ class DemoSettings:
     )
     grpo: dict = field(default_factory=dict)  # extra GRPOConfig fields
 
+    def __post_init__(self) -> None:
+        self.check()  # one place for the checks: the CLI and the Python API alike
+
     @classmethod
     def quick(cls, **overrides) -> DemoSettings:
         """Fewer seeds, arms and steps: about a minute or two on 2 cores."""
@@ -71,8 +75,16 @@ class DemoSettings:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warm_steps < 0 or self.workers < 0:
             raise UsageError("warm_steps and workers must be >= 0")
-        if not 0 <= self.marker_share <= 1:
+        if not 0 <= self.marker_share <= 1:  # NaN fails too
             raise UsageError(f"marker_share must be in [0, 1], got {self.marker_share}")
+        if not (isinstance(self.marker_reward, (int, float)) and math.isfinite(self.marker_reward)):
+            raise UsageError(
+                f"marker_reward (--marker-reward) must be a finite number, got {self.marker_reward!r}"
+            )
+        if not (isinstance(self.warm_lr, (int, float)) and math.isfinite(self.warm_lr)) or (
+            self.warm_lr <= 0
+        ):
+            raise UsageError(f"warm_lr must be a finite number > 0, got {self.warm_lr!r}")
         self.config("vanilla", self.seeds[0])  # GRPOConfig checks the rest
 
     def config(self, arm: str, seed: int) -> GRPOConfig:
