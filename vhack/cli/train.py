@@ -76,7 +76,7 @@ class TrainRun:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, TrainRun)
     add_options(p, GRPOConfig, GRPO_OPTIONS, defaults=TRAIN_DEFAULTS)
-    add_options(p, common.ModelOptions, ("device", "dtype", "quiet"))
+    add_options(p, common.ModelOptions, ("device", "dtype", "quiet", "threads"))
 
 
 def load_policy(args):
@@ -86,6 +86,7 @@ def load_policy(args):
 
     import vhack
 
+    common.apply_threads(args)  # before the toy model's warm start
     if args.model == "toy":
         from vhack.grpo.warmstart import warm_model
 
@@ -100,6 +101,7 @@ def load_policy(args):
             )
         except OSError as err:
             raise UsageError(f"cannot load model {args.model!r}: {err}") from err
+    common.apply_threads(args, model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device), tok
 
