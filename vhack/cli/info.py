@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from vhack.threads import SMALL_MODEL_PARAMS, available_cores, choose_threads, env_threads
 
     root = cache_dir()
+    from_env = env_threads()
     svd = root / "svd"
     info = {
         "vhack": vhack.__version__,
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         "threads": {
             "cores": available_cores(),  # this process's CPU affinity
             "torch_default": torch.get_num_threads(),
-            "environment": dict([env_threads()]) if env_threads() else None,
+            "environment": dict([from_env]) if from_env else None,  # OMP_NUM_THREADS, ...
             # what train, extract, validate and example choose without --threads
             "small_model": choose_threads(True).to_dict(),
             "larger_model": choose_threads(False).to_dict(),
