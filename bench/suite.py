@@ -310,10 +310,16 @@ def run(opts: SuiteOptions, bench_dir: Path = BENCH_DIR) -> int:
         record = run_script(name, opts, bench_dir)
         if "file" in record:
             data = json.loads(Path(record["file"]).read_text())
+            # stored relative to the summary, so a results directory can move
+            record["file"] = os.path.relpath(record["file"], opts.out_dir)
             envs.append(data["env"])
             record["ratios"] = RATIOS[name](data)
             if opts.compare:
                 comparison[name] = compare(name, data, stored[name])
+                if comparison[name] is not None:  # as bench/results/NAME.json
+                    comparison[name]["file"] = os.path.relpath(
+                        comparison[name]["file"], bench_dir.parent
+                    )
         benchmarks[name] = record
     env = dict(envs[0]) if envs else {"device": opts.device, "device_type": opts.device}
     env.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
