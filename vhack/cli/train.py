@@ -76,7 +76,7 @@ class TrainRun:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, TrainRun)
     add_options(p, GRPOConfig, GRPO_OPTIONS, defaults=TRAIN_DEFAULTS)
-    add_options(p, common.ModelOptions, ("device", "dtype", "quiet"))
+    add_options(p, common.ModelOptions, ("device", "dtype", "quiet", "threads"))
 
 
 def load_policy(args, device):
@@ -84,6 +84,7 @@ def load_policy(args, device):
     name or a local path, on `device`."""
     import vhack
 
+    common.apply_threads(args)  # before the toy model's warm start
     if args.model == "toy":
         from vhack.grpo.warmstart import warm_model
 
@@ -93,6 +94,7 @@ def load_policy(args, device):
         model, tok, _ = warm_model(settings, args.seed, path)
     else:
         model, tok = common.load_model(args.model, args.seed, common.torch_dtype(args.dtype))
+    common.apply_threads(args, model)
     return model.to(device), tok
 
 
