@@ -61,7 +61,7 @@ def test_train_runs_the_tiny_model_on_one_thread(monkeypatch):
     torch.set_num_threads(2)
     load_policy(_train_args(), "cpu")
     assert torch.get_num_threads() == 1
-    load_policy(_train_args("--threads", "2"))
+    load_policy(_train_args("--threads", "2"), "cpu")
     assert torch.get_num_threads() == 2
 
 
