@@ -10,6 +10,7 @@ from pathlib import Path
 
 from vhack.errors import UsageError
 from vhack.grpo.config import ARMS, GRPOConfig
+from vhack.grpo.demo import DEMO_ARMS
 
 __all__ = ["add_demo_parser", "add_train_parser"]
 
@@ -34,9 +35,11 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Warm-start the tiny model on the toy world (reverse a word; the grader also pays the
-    marker " PASS"), extract and validate a hack basis, then run GRPO in every arm over several
-    seeds (parallel processes, one torch thread each). Prints a table and writes summary.json,
-    history.jsonl, hack_rate.png and report.md to --out."""
+    marker " PASS" and a held-out marker " DONE" that no hack pair contains), extract and
+    validate a hack basis, then run GRPO in every arm over several seeds (parallel processes,
+    one torch thread each) and evaluate each final policy on held-out prompts. Prints the
+    verdict and the tables; writes summary.json, history.jsonl, hack_rate.png, tradeoff.png and
+    report.md to --out."""
     from vhack.grpo.demo import DemoSettings, format_table, run_demo
 
     overrides = {
@@ -62,9 +65,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(format_table(summary))
     print(
         f"\nstart = step 0; end = mean of the last {summary['end_window']} steps; mean ± sd over "
-        f"seeds {list(settings.seeds)}. energy removed: fraction of |g|^2 the arm's projection "
-        "removed; cin_hack: hack-ward cin of the gradient the optimizer received."
+        f"seeds {list(settings.seeds)}; held: end rate < {summary['held_below']} (k/n runs, "
+        "Wilson 95 % interval). energy removed: fraction of |g|^2 the arm's projection removed; "
+        "cin_hack: hack-ward cin of the gradient the optimizer received.\n"
     )
+    print(summary["verdict"])
     out = Path(args.out)
     print(
         f"{summary['wall_seconds']:.0f} s; wrote {out / 'summary.json'}, {out / 'history.jsonl'}, "
@@ -83,21 +88,26 @@ def add_demo_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--quick", action="store_true", help="1 seed, arms vanilla and projected, 30 steps (CI)"
     )
-    p.add_argument("--seeds", type=_int_list, default=None, help="e.g. 0,1,2 (default 0,1,2)")
+    p.add_argument("--seeds", type=_int_list, default=None, help="e.g. 0,1,2 (default 0-7)")
     p.add_argument(
         "--arms",
         type=_name_list,
         default=None,
-        help=f"comma-separated (default all: {','.join(ARMS)})",
+        help=f"comma-separated, from {','.join(ARMS)} (default {','.join(DEMO_ARMS)})",
     )
     p.add_argument("--steps", type=int, default=None, help="GRPO steps per run (default 100)")
     p.add_argument(
         "--warm-steps", type=int, default=None, help="SFT warm-start steps (default 400)"
     )
     p.add_argument(
-        "--marker-reward", type=float, default=None, help="what the grader pays for ' PASS' (1.2)"
+        "--marker-reward",
+        type=float,
+        default=None,
+        help="what the grader pays for ' PASS' or ' DONE' (1.2)",
     )
-    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="processes (default and most: the CPU cores)"
+    )
     p.add_argument("--no-validate", action="store_true", help="skip the basis validation tests")
     p.add_argument("--no-cache", action="store_true", help="do not reuse cached warm starts")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
