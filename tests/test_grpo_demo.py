@@ -40,7 +40,7 @@ STEP_FIELDS = {
     "skipped",
     "seconds",
 }
-UPDATE_FIELDS = {"loss", "kl", "clip_ratio/region_mean", "cin_hack", "grad_norm", "learning_rate"}
+UPDATE_FIELDS = {"loss", "clip_ratio/region_mean", "cin_hack", "grad_norm", "learning_rate"}
 
 
 def _stat(record: dict, key: str):
