@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 from vhack.kernels.utils import check_same_device, check_tensor, empty, next_power_of_2
 
+# The kernel's constexpr code of each mode. Keys: vhack.ops.modes.PROJECTION_MODES, in its order
+# (mirrored, not imported: this package imports nothing from vhack; a test holds them equal).
 MODES = {"hackward": 0, "both": 1, "reverse": 2, "measure": 3}
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BASIS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -204,7 +206,7 @@ def project_(
             f"offsets has {n_modules + 1} entries, so basis_offsets needs {n_modules + 1} and ks, "
             f"order {n_modules}; got {basis_offsets.shape[0]}, {ks.shape[0]}, {order.shape[0]}"
         )
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:  # vhack.ops.modes.check_mode's error
         raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
     check_same_device(
         grad=grad, offsets=offsets, basis=basis, basis_offsets=basis_offsets, ks=ks, order=order

@@ -234,7 +234,7 @@ def test_damaged_svd_cache_is_recomputed(tiny, tmp_path):
     vhack.wrap(model, cache_dir=tmp_path, targets=["model.layers.0.mlp.up_proj"]).unwrap()
     (path,) = (tmp_path / "svd").glob("*.safetensors")
     path.write_bytes(b"not a safetensors file")
-    with pytest.warns(UserWarning, match="unreadable SVD cache"):
+    with pytest.warns(UserWarning, match="recomputing the SVD of cache file"):
         adapter = vhack.wrap(model, cache_dir=tmp_path, targets=["model.layers.0.mlp.up_proj"])
     assert torch.equal(_logits(model), _logits(adapter.unwrap()))
 

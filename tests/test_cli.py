@@ -20,7 +20,7 @@ def test_help_lists_subcommands(capsys):
         cli.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for command in ("info", "example", "extract", "validate"):
+    for command in ("demo", "example", "extract", "info", "train", "validate"):
         assert command in out
 
 
@@ -317,15 +317,41 @@ def _option_blocks(help_text: str) -> dict[str, str]:
     return blocks
 
 
-@pytest.mark.parametrize("command", ["example", "extract", "validate"])
-def test_help_shows_every_default(command, capsys):
+@pytest.mark.parametrize("command", ["demo", "example", "extract", "train", "validate"])
+def test_help_shows_every_default_once(command, capsys):
     with pytest.raises(SystemExit):
         cli.main([command, "--help"])
     blocks = _option_blocks(capsys.readouterr().out)
     assert len(blocks) > 5
     for option, text in blocks.items():
         if option != "-h":
-            assert "default" in text, f"vhack {command} --help: {option} shows no default"
+            assert text.count("default") == 1, f"vhack {command} --help: {option}: {text}"
+            assert "default: None" not in text, f"vhack {command} --help: {option}: {text}"
+
+
+def test_each_default_is_written_once():
+    """train's and demo's GRPO defaults are GRPOConfig's; extraction's top_k is EXTRACT_TOP_K."""
+    import inspect
+
+    from vhack.cli.train import GRPO_OPTIONS, TRAIN_DEFAULTS
+    from vhack.extract_config import EXTRACT_TOP_K
+    from vhack.grpo.config import GRPOConfig
+    from vhack.grpo.demo import DemoSettings
+
+    args = cli.build_parser().parse_args(["train"])
+    parsed = GRPOConfig(**{name: getattr(args, name) for name in GRPO_OPTIONS})
+    assert parsed == GRPOConfig(**TRAIN_DEFAULTS)
+    demo = DemoSettings()
+    for name in ("steps", "lr", "k", "top_k", "refresh_every", "prompts_per_step"):
+        assert getattr(demo, name) == getattr(GRPOConfig(), name), name
+    for func in (vhack.extract, vhack.load_or_extract, vhack.validate.validate):
+        assert inspect.signature(func).parameters["top_k"].default == EXTRACT_TOP_K, func
+
+
+def test_train_refuses_k_above_top_k_like_extract(tmp_path, no_work, capsys):
+    argv = ["train", "--model", "tiny", "--k", "7", "--top-k", "6", "--out", str(tmp_path)]
+    rc, _, err = run_cli(argv, capsys)
+    assert_one_line_error(rc, err, "train", "--k 7", "only 6 axes", "--top-k")
 
 
 # ---- the SVD disk cache ----------------------------------------------------------------------

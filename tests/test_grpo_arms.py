@@ -116,7 +116,7 @@ def test_kl_arm_needs_beta_measures_only_and_keeps_constant_groups(wrapped):
     later = [trainer.train_step()]
     for record in [first, *later]:
         assert record["num_sequences"] == cfg.batch_size  # zero-variance rows kept for KL
-        assert record["energy_removed"] == pytest.approx(0.0, abs=1e-6)  # no projection
+        assert record["vhack/energy_removed"] == pytest.approx(0.0, abs=1e-6)  # no projection
     assert any(r["kl"] > 0 for r in later)
 
 
@@ -156,7 +156,7 @@ def test_random_matched_arm_removes_what_the_hack_basis_would(wrapped):
     records = [r for r in trainer.train() if not r["skipped"]]
     assert records
     for r in records:
-        assert 0 < r["energy_removed"] < 1
+        assert 0 < r["vhack/energy_removed"] < 1
     # the projection used this step's matched axes, not the k = 2 random ones it started from
     assert any(v.shape[0] != 2 for v in trainer.basis.values())
 

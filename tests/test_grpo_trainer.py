@@ -103,9 +103,11 @@ def test_projected_arm_leaves_no_hackward_component(wrapped):
     basis = hack_basis(adapter)
     trainer = GRPOTrainer(adapter, tok, ParityEnv(), small(arm="projected"), hack_basis=basis)
     record = trainer.train_step()
-    assert record["cin_mean"] > 0.01  # the raw gradient had a hack-ward part ...
-    assert record["energy_removed"] > 0
-    assert record["energy_removed"] == pytest.approx(record["energy_hackward"], rel=1e-4)
+    assert record["vhack/cin_mean"] > 0.01  # the raw gradient had a hack-ward part ...
+    assert record["vhack/energy_removed"] > 0
+    assert record["vhack/energy_removed"] == pytest.approx(
+        record["vhack/energy_hackward"], rel=1e-4
+    )
     assert record["cin_hack"] < 1e-5  # ... and the gradient the optimizer got has none
     after = trainer.probe.measure().raw  # delta.grad after the step = the projected gradient
     assert (after[:, 1] / after[:, 2]).max().item() < 1e-5
@@ -116,8 +118,39 @@ def test_vanilla_measures_but_removes_nothing(wrapped):
     trainer = GRPOTrainer(adapter, tok, ParityEnv(), small(), hack_basis=hack_basis(adapter))
     record = trainer.train_step()
     assert record["env/length"] > 0 and "env/tag" not in record  # numeric Score.info is logged
-    assert record["energy_removed"] == pytest.approx(0.0, abs=1e-6)
-    assert record["cin_mean"] > 0.01 and record["cin_hack"] == pytest.approx(record["cin_mean"])
+    assert record["vhack/energy_removed"] == pytest.approx(0.0, abs=1e-6)
+    assert record["vhack/cin_mean"] > 0.01 and record["cin_hack"] == pytest.approx(
+        record["vhack/cin_mean"]
+    )
+
+
+def test_an_iteration_without_a_gradient_is_counted_not_averaged(wrapped, monkeypatch):
+    """num_iterations = 2, the second with a zero dS gradient: the step's projection statistics
+    are the first iteration's (not a mean with undefined ratios), nothing is NaN, and
+    vhack/skipped_steps says one iteration had no gradient."""
+    import vhack.grpo.trainer as trainer_module
+
+    calls = []
+    real_loss = trainer_module.policy_loss
+
+    def loss_then_zero(*args, **kwargs):
+        loss, st = real_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss if len(calls) == 1 else 0.0 * loss), st
+
+    monkeypatch.setattr(trainer_module, "policy_loss", loss_then_zero)
+    _, tok, adapter = wrapped
+    cfg = small(arm="projected", num_iterations=2)
+    trainer = GRPOTrainer(adapter, tok, ParityEnv(), cfg, hack_basis=hack_basis(adapter))
+    record = trainer.train_step()
+    assert len(calls) == 2 and not record["skipped"]
+    assert record["vhack/skipped_steps"] == 1
+    values = [v for v in record.values() if isinstance(v, float)]
+    assert all(v == v for v in values), record  # no NaN
+    assert 0 < record["vhack/energy_removed"] < 1  # the first iteration's, not (x + 1) / 2
+    assert record["vhack/energy_removed"] == pytest.approx(
+        record["vhack/energy_hackward"], rel=1e-4
+    )
 
 
 def test_zero_variance_groups_are_skipped(wrapped):
@@ -155,7 +188,7 @@ def test_other_arms_step(wrapped, arm):
     basis = hack_basis(adapter)
     trainer = GRPOTrainer(adapter, tok, ParityEnv(), small(arm=arm), hack_basis=basis)
     record = trainer.train_step()
-    assert record["energy_removed"] > 0
+    assert record["vhack/energy_removed"] > 0
     if arm == "shuffled-v":
         moved = shuffled_basis(basis)
         name = adapter.names[0]

@@ -274,3 +274,71 @@ def test_without_a_trainer_the_statistics_go_in_through_on_log():
     with pytest.raises(UsageError, match="ran twice in one optimizer step"):
         callback.on_pre_optimizer_step(args, state, control, model=model)
         callback.on_pre_optimizer_step(args, state, control, model=model)
+
+
+def _custom_loop(projector):
+    """(callback, one_step): a callback driven by hand, no Trainer.
+    one_step(scale) runs backward on scale * loss (scale None: no backward, dS.grad is None)
+    and the optimizer-step events around opt.step(); returns dS.grad as the callback got it."""
+    from transformers import TrainerControl, TrainerState
+
+    adapter = projector.adapter
+    model = adapter.model
+    callback = VHackCallback(projector)
+    args, state, control = (
+        TrainingArguments(output_dir="unused", report_to=[]),
+        TrainerState(),
+        TrainerControl(),
+    )
+    opt = torch.optim.AdamW([adapter.delta], lr=1e-2)
+    callback.on_train_begin(args, state, control, model=model, optimizer=opt)
+    x = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+
+    def one_step(scale):
+        opt.zero_grad(set_to_none=True)
+        if scale is not None:
+            (scale * model(input_ids=x, labels=x).loss).backward()
+        grad = None if adapter.delta.grad is None else adapter.delta.grad.clone()
+        callback.on_pre_optimizer_step(args, state, control, model=model)
+        opt.step()
+        callback.on_optimizer_step(args, state, control)
+        state.global_step += 1
+        return grad  # as the callback got it
+
+    return callback, one_step
+
+
+def test_steps_without_a_gradient_are_counted_not_averaged():
+    """A step whose dS gradient is zero (every GRPO group without reward variance) or absent
+    neither turns the window's averages into NaN nor halves energy_removed: the window averages
+    over the steps that had a gradient and logs how many it skipped."""
+    _, adapter, basis = _wrapped()
+    callback, one_step = _custom_loop(vhack.Projector(adapter, basis))
+    one_step(1.0)
+    first = callback.projector.last_stats.as_dict()
+    one_step(0.0)  # a zero gradient
+    one_step(None)  # no gradient reached dS at all
+    metrics = callback.pop_metrics()
+    assert all(v == v for v in metrics.values()), metrics  # no NaN
+    assert metrics["vhack/skipped_steps"] == 2
+    assert first["energy_removed"] > 0
+    for field in ("cin_mean", "fired", "energy_removed", "norm_before"):
+        assert metrics["vhack/" + field] == pytest.approx(first[field], rel=1e-6), field
+    assert callback.pop_metrics() == {}  # reset
+
+
+def test_a_measure_only_run_logs_the_one_sided_cin_of_a_projected_run():
+    """Baseline (mode="measure") and projected runs log the same statistic as vhack/cin_mean
+    (the hack-ward, one-sided cin), so their curves compare directly; the two-sided one has its
+    own name."""
+    _, adapter, basis = _wrapped()
+    callback, one_step = _custom_loop(vhack.Projector(adapter, basis, mode="measure"))
+    grad = one_step(1.0)
+    metrics = callback.pop_metrics()
+    projected = vhack.Projector(adapter, basis).project_(grad)
+    assert metrics["vhack/cin_mean"] == pytest.approx(projected.cin_mean, rel=1e-6)
+    assert metrics["vhack/cin_mean_two_sided"] == pytest.approx(
+        projected.cin_mean_two_sided, rel=1e-6
+    )
+    assert metrics["vhack/cin_mean_two_sided"] > metrics["vhack/cin_mean"] > 0.01
+    assert metrics["vhack/energy_removed"] == 0.0

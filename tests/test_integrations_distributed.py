@@ -251,3 +251,37 @@ def test_training_equals_single_process_on_the_concatenated_batch(training_runs,
         assert err < 1e-5, f"rank {rank}: dS differs from single-process training by {err}"
     a, b = (runs[setup]["stats"] for runs in results)
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)  # global statistics, identical on ranks
+
+
+def test_sharded_projection_goes_through_the_ops_dispatch(tmp_path, monkeypatch):
+    """ShardedProjector runs the Projector's projection (vhack.ops.project_ and its backend
+    choice: Triton on CUDA, C++ on CPU), not a copy of the rule: a forced backend sees the call,
+    and the result is the single-process projection's, exactly. One process, world size 1."""
+    import torch.distributed as dist
+
+    from vhack import reference
+    from vhack.integrations import ShardedProjector
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        _, adapter, basis = _wrapped()
+        proj = vhack.Projector(adapter, basis, alpha=0.7, partial=True)
+        sharded = ShardedProjector(proj, (0, adapter.delta.numel()))
+        full = torch.randn(adapter.delta.numel(), generator=torch.Generator().manual_seed(2))
+        calls = []
+        oracle = reference.project_
+        monkeypatch.setattr(
+            reference, "project_", lambda *a, **k: calls.append(a[5]) or oracle(*a, **k)
+        )
+        with vhack.ops.use_backend("reference"):
+            expected = full.clone()
+            expected_stats = proj.project_(expected)
+            got = full.clone()
+            stats = sharded.project_(got)
+        assert calls == ["hackward", "hackward"]  # the Projector's call, then the sharded one
+        assert torch.equal(got, expected)
+        assert torch.equal(stats.raw, expected_stats.raw)
+    finally:
+        dist.destroy_process_group()

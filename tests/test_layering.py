@@ -21,8 +21,11 @@ LAYERS: list[tuple[str, ...]] = [
         "vhack._source_tree",
         "vhack.errors",
         "vhack.cache",
+        "vhack.extract_config",
+        "vhack.files",
         "vhack.data",
         "vhack.kernels",
+        "vhack.ops.modes",  # the projection modes: what the oracle and every backend check
         "vhack.reference",
         "vhack.packing",
         "vhack.pairs",
@@ -44,7 +47,7 @@ LAYERS: list[tuple[str, ...]] = [
     # 7: applications of the library, independent of each other
     ("vhack.grpo", "vhack.integrations"),
     # 8: the command line
-    ("vhack.cli",),
+    ("vhack.cli", "vhack.__main__"),
 ]
 # Same-layer packages that must not import each other.
 INDEPENDENT = [("vhack.grpo", "vhack.integrations")]
@@ -148,3 +151,17 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     src.write_text("def f():\n    from vhack.projector import Projector\n")
     assert _imports(src, "vhack.adapter", set(SOURCES)) == {"vhack.projector"}
     assert _layer(_group("vhack.projector")) > _layer(_group("vhack.adapter"))
+
+
+def test_only_the_ops_use_the_oracle():
+    """vhack.reference is the tests' oracle and the ops' "reference" backend: production code
+    reaches it only through vhack.ops (constants live in vhack.ops.modes)."""
+    known = set(SOURCES)
+    users = [
+        m
+        for m, path in SOURCES.items()
+        if "vhack.reference" in _imports(path, m, known)
+        and not m.startswith("vhack.ops")
+        and m != "vhack"  # the facade lists it as a public submodule
+    ]
+    assert not users, f"{users} import vhack.reference; import from vhack.ops instead"

@@ -519,3 +519,48 @@ def test_triton_multi_chunk_modules_match_reference(case, mode, preserve, dtype)
     tensors = make_set(rs, ks, stored=[1] * len(rs), dtype=dtype, seed=len(rs))
     ours, stats, ref, ref_stats = run_both("triton", *tensors, mode, 0.9, preserve)
     check_against_reference(ours, stats, ref, ref_stats, tensors[1], dtype)
+
+
+def test_projection_modes_are_defined_once_and_every_path_checks_them():
+    """One list of modes (vhack.ops.modes): the reference oracle re-exports it, the Triton kernel
+    mirrors it as its constexpr codes, and every Python path refuses a bad mode with
+    check_mode's one message; the C++ op (csrc/project.cpp parse_mode, a string check that
+    mirrors the list) accepts exactly the same names."""
+    from vhack.kernels import project as kernels
+
+    from vhack.ops.layout import layout_for
+    from vhack.ops.modes import PROJECTION_MODES, check_mode
+    from vhack.ops.project_torch import project_torch_
+
+    assert ops.PROJECTION_MODES is PROJECTION_MODES
+    assert reference.PROJECTION_MODES is PROJECTION_MODES
+    assert tuple(kernels.MODES) == PROJECTION_MODES
+    with pytest.raises(ValueError) as expected:
+        check_mode("sideways")
+    message = str(expected.value)
+    assert "hackward" in message and "'sideways'" in message
+    grad, offsets, basis, basis_offsets, kt = make_set([6, 4], [2, 1], device="cpu")
+    lay = layout_for(offsets, basis_offsets, kt, grad.numel(), basis.numel())
+    paths = {
+        "ops": lambda m: ops.project_(grad, offsets, basis, basis_offsets, kt, m),
+        "reference": lambda m: reference.project_(grad, offsets, basis, basis_offsets, kt, m),
+        "torch": lambda m: project_torch_(grad, basis, lay, m, 1.0, False),
+        "triton": lambda m: kernels.project_(
+            grad, offsets, basis, basis_offsets, kt, lay.order, lay.k_max, m
+        ),
+    }
+    for name, call in paths.items():
+        with pytest.raises(ValueError) as err:
+            call("sideways")
+        assert str(err.value) == message, name
+        assert torch.equal(grad, make_set([6, 4], [2, 1], device="cpu")[0]), name  # untouched
+    if CPP_BUILT:
+        stats = grad.new_empty(2, 4)
+        for mode in PROJECTION_MODES:
+            torch.ops.vhack_cpp.project_(
+                grad.clone(), offsets, basis, basis_offsets, kt, stats, mode, 1.0, False
+            )
+        with pytest.raises(ValueError, match="mode must be one of"):
+            torch.ops.vhack_cpp.project_(
+                grad, offsets, basis, basis_offsets, kt, stats, "sideways", 1.0, False
+            )

@@ -3,6 +3,7 @@ research-code style inputs and bad input. Numbers are checked against vhack.refe
 (float64; float32 tolerances rtol 1e-4, atol 1e-5 as in helpers.TOLERANCES)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -77,7 +78,9 @@ def test_project_matches_reference_and_stats(adapter, mode):
     assert_close(adapter.delta.grad, expected, **TOL, name="grad")
     assert_close(stats.raw, ref_stats, **TOL, name="raw")
     assert stats.names == adapter.names and proj.last_stats is stats
-    num = ref_stats[:, 1] if mode == "hackward" else ref_stats[:, 0]
+    # one-sided (hack-ward) cin for hackward and measure: a measure-only baseline logs the
+    # statistic a projected run logs; two-sided for both / reverse
+    num = ref_stats[:, 1] if mode in ("hackward", "measure") else ref_stats[:, 0]
     cin = num / ref_stats[:, 2]
     assert_close(stats.cin, cin, **TOL, name="cin")
     projected = torch.tensor([len(basis[n]) > 0 for n in adapter.names])
@@ -89,6 +92,12 @@ def test_project_matches_reference_and_stats(adapter, mode):
     removed = 1 - (expected.norm() / grad.norm()).item() ** 2
     assert summary["energy_removed"] == pytest.approx(removed, rel=1e-4, abs=1e-6)
     assert "cin_mean" in repr(stats)
+    two_sided = ref_stats[:, 0] / ref_stats[:, 2]
+    assert summary["cin_mean_two_sided"] == pytest.approx(
+        two_sided[projected].mean().item(), rel=1e-5
+    )
+    hackward = (ref_stats[projected, 1].square().sum() / ref_stats[:, 2].square().sum()).item()
+    assert summary["energy_hackward"] == pytest.approx(hackward, rel=1e-5)
 
 
 def test_basis_forms_agree_and_k_slices(adapter):
@@ -428,7 +437,9 @@ def _sequence_grads_basis(adapter, model, ids, k):
     adapter.delta.grad = None
     half = n // 2
     return {
-        name: difference_basis.paired_difference_basis(cap[name][:half], cap[name][half:], top_k=k)[0]
+        name: difference_basis.paired_difference_basis(cap[name][:half], cap[name][half:], top_k=k)[
+            0
+        ]
         for name in adapter.names
     }
 
@@ -582,3 +593,32 @@ def test_projector_is_one_triton_launch(monkeypatch):
     expected, ref_stats = reference_projection(adapter, basis, grad)
     assert_close(adapter.delta.grad, expected, **TOL)
     assert_close(stats.raw, ref_stats, **TOL)
+
+
+def test_statistics_window_skips_zero_gradient_steps_on_host_and_device(adapter):
+    """ProjStatsWindow (the callback's) and mean_over_steps_with_gradient (the GRPO trainer's,
+    on the device) average the same steps: a zero-gradient step is counted, not averaged, so
+    nothing turns NaN; a NaN gradient stays visible."""
+    from vhack.projstats import STAT_FIELDS, ProjStatsWindow, mean_over_steps_with_gradient
+
+    proj = vhack.Projector(adapter, make_basis(adapter))
+    grad = torch.randn(adapter.delta.numel(), generator=torch.Generator().manual_seed(4))
+    steps = [proj.project_(grad.clone()), proj.project_(torch.zeros_like(grad))]
+    assert steps[0].has_gradient and not steps[1].has_gradient
+    assert math.isnan(steps[1].cin_mean)  # one step alone: undefined, not 0
+    window = ProjStatsWindow()
+    for stats in steps:
+        window.add(stats)
+    window.add(None)  # no gradient reached dS
+    logged = window.pop()
+    assert logged["vhack/skipped_steps"] == 2 and window.pop() == {}
+    for field, value in steps[0].as_dict().items():
+        assert logged["vhack/" + field] == pytest.approx(value, rel=1e-6), field
+    means, skipped = mean_over_steps_with_gradient(torch.stack([s.summary() for s in steps]))
+    assert int(skipped) == 1
+    for field, value in zip(STAT_FIELDS, means.tolist(), strict=True):
+        assert value == pytest.approx(logged["vhack/" + field], rel=1e-6), field
+    bad = grad.clone()
+    bad[0] = float("nan")
+    window.add(vhack.Projector(adapter, make_basis(adapter), on_nonfinite="ignore").project_(bad))
+    assert math.isnan(window.pop()["vhack/norm_before"])

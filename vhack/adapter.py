@@ -655,6 +655,11 @@ def wrap(
             )
         if lin.weight.device.type == "meta":
             raise ValueError(f"{name}: weight is on the meta device; load real weights first")
+        if not bool(torch.isfinite(lin.weight).all()):
+            raise ValueError(
+                f"{name}: weight holds NaN/inf values, which have no SVD; load or repair the "
+                "model's weights before wrapping"
+            )
     devices = {lin.weight.device for _, lin in chosen}
     if len(devices) > 1:
         raise ValueError(

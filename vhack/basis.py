@@ -29,6 +29,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from vhack.files import atomic_write_bytes, regular_file
 from vhack.packing import pack_blocks
 
 __all__ = [
@@ -259,14 +260,7 @@ class HackBasis:
         if k_max > int(self.metadata["top_k"]):
             raise ValueError(f"metadata top_k={self.metadata['top_k']} < {k_max} stored axes")
         meta = {**self.metadata, "schema": SCHEMA, "names": json.dumps(self.names)}
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.unlink(missing_ok=True)
-        # os.open applies the user's umask to 0o666, as any new file gets; safetensors' save_file
-        # would create the file with mode 0600.
-        data = safetensors.torch.save(tensors, metadata=meta)
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-            f.write(data)
-        tmp.replace(path)
+        atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=meta))
         return path
 
     @classmethod
@@ -345,6 +339,10 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], lis
     unreadable."""
     if not path.exists():
         raise FileNotFoundError(f"no hack basis file at {path}")
+    try:
+        regular_file(path, "hack basis")  # a FIFO would block safe_open forever
+    except ValueError as err:
+        raise BasisFileError(str(err)) from None
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from vhack.basis import HackBasis
+from vhack.extract_config import EXTRACT_TOP_K
 
 __all__ = [
     "basis_from_differences",
@@ -86,7 +87,7 @@ def difference_basis(
 def basis_from_differences(
     D: torch.Tensor,
     layout,
-    top_k: int = 12,
+    top_k: int = EXTRACT_TOP_K,
     tau_axis: float = 0.0,
     metadata: dict[str, str] | None = None,
 ) -> HackBasis:
@@ -125,7 +126,7 @@ def basis_from_gradients(
     G_hack: torch.Tensor,
     G_clean: torch.Tensor,
     layout,
-    top_k: int = 12,
+    top_k: int = EXTRACT_TOP_K,
     tau_axis: float = 0.0,
     metadata: dict[str, str] | None = None,
 ) -> HackBasis:

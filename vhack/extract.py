@@ -40,6 +40,7 @@ from vhack._version import __version__
 from vhack.basis import BasisFileError, HackBasis, adapter_fingerprint
 from vhack.cache import cache_dir as resolve_cache_dir
 from vhack.difference_basis import basis_from_differences, basis_from_gradients
+from vhack.extract_config import EXTRACT_TOP_K
 from vhack.lm import (
     Prompt,
     completion_losses,
@@ -423,7 +424,7 @@ def extract(
     adapter,
     tokenizer,
     pairs: Sequence[Pair],
-    top_k: int = 12,
+    top_k: int = EXTRACT_TOP_K,
     tau_axis: float = 0.0,
     n_heldout: int = 2,
     *,
@@ -479,7 +480,7 @@ def _slug(text: str) -> str:
 def basis_cache_path(
     adapter,
     pairs: Sequence[Pair],
-    top_k: int = 12,
+    top_k: int = EXTRACT_TOP_K,
     tau_axis: float = 0.0,
     n_heldout: int = 2,
     cache_dir: str | os.PathLike | None = None,
@@ -505,7 +506,7 @@ def load_or_extract(
     tokenizer,
     pairs: Sequence[Pair],
     cache_dir: str | os.PathLike | None = None,
-    top_k: int = 12,
+    top_k: int = EXTRACT_TOP_K,
     k: int | None = 5,
     *,
     tau_axis: float = 0.0,

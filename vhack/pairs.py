@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from vhack.files import regular_file
+
 __all__ = [
     "BUILTIN_PAIRSETS",
     "Pair",
@@ -117,13 +119,24 @@ class Pair:
 def load_pairs(path: str | os.PathLike) -> list[Pair]:
     """Read pairs from a JSONL file (schema in the module docstring).
 
-    Raises ValueError naming the file and line for invalid JSON, a missing or unknown field, or
-    an empty/invalid value; FileNotFoundError when the file does not exist.
+    Raises ValueError naming the file and line for invalid JSON or UTF-8, a missing or unknown
+    field, or an empty/invalid value, and for a path that is not a regular file (a FIFO, a
+    directory); FileNotFoundError when the file does not exist.
     """
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no pairs file at {path}")
+    regular_file(path, "pairs file")  # a FIFO would block the read forever
     pairs = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path}, line {lineno}: not UTF-8 text (byte {err.start}); pairs files are "
+                    "UTF-8 JSONL"
+                ) from None
             if not line.strip():
                 continue
             where = f"{path}, line {lineno}"

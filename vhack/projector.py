@@ -4,11 +4,13 @@ cin statistics of the same pass.
     proj = vhack.Projector(adapter, basis)            # basis packed once, in the adapter's order
     loss.backward(); stats = proj.project_(); optimizer.step()
     # or: proj.attach(optimizer)  (projects inside every optimizer.step())
+    # or: stats = proj.pre_step(); optimizer.step(); stats = proj.post_step() or stats
+    #     (the one projection step, in the order attach, VHackCallback and the GRPO trainer use)
 
 The basis is a dict {module name: V [k, r]} (research-code style) or any object with `.names`
 and `.V(name)` (vhack.HackBasis). Modules the basis does not cover are not projected (k = 0) but
-still get statistics. Each call is one `vhack.ops.project_` over the packed gradient: one kernel
-launch on CUDA, one parallel C++ pass on CPU.
+still get statistics (`vhack.projstats`). Each call is one `vhack.ops.project_` over the packed
+gradient: one kernel launch on CUDA, one parallel C++ pass on CPU.
 
 Update mode (where="update") closes the leak through Adam: even with every gradient projected,
 the moments and the per-coordinate scaling move the parameter change back into span(V). The
@@ -27,14 +29,14 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Mapping
-from functools import cached_property
 
 import torch
 
 from vhack import ops
 from vhack.adapter import Adapter
 from vhack.basis import SV_PREFIX, HackBasis, check_compatible, fingerprint_mismatches
-from vhack.reference import PROJECTION_MODES
+from vhack.ops.modes import check_mode
+from vhack.projstats import ONE_SIDED_MODES, ProjStats, cin, cin_mean
 
 __all__ = ["ORTHONORMAL_TOL", "ProjStats", "Projector", "as_hack_basis", "cin", "cin_mean"]
 
@@ -43,103 +45,6 @@ __all__ = ["ORTHONORMAL_TOL", "ProjStats", "Projector", "as_hack_basis", "cin", 
 ORTHONORMAL_TOL = 1e-3
 WHERE = ("grad", "update")
 ON_NONFINITE = ("raise", "warn", "ignore")
-FIRED_THRESHOLD = 1e-6
-
-
-def cin(raw: torch.Tensor, one_sided: bool) -> torch.Tensor:
-    """cin of every module from projection statistics raw [..., M, 4] (|Vg|, |relu(Vg)|, |g|
-    before, after) -> [..., M]: |relu(Vg)| / |g| (one-sided, "hackward") or |Vg| / |g|; 0 where
-    |g| = 0; NaN stays NaN. The one definition used by ProjStats and vhack.validate."""
-    num = raw[..., 1] if one_sided else raw[..., 0]
-    g = raw[..., 2]
-    return torch.where(g == 0, torch.zeros_like(g), num / g)
-
-
-def cin_mean(raw: torch.Tensor, covered: torch.Tensor, one_sided: bool) -> torch.Tensor:
-    """Unweighted mean of `cin` over the modules that count: covered by the basis (bool [M], k > 0)
-    and with a non-zero gradient -> [...] float32 (NaN when no module counts; a NaN gradient stays
-    visible as NaN). Modules without a gradient carry no direction and are left out."""
-    counts = covered & (raw[..., 2] != 0)
-    values = torch.where(counts, cin(raw, one_sided), torch.zeros_like(raw[..., 2]))
-    return values.sum(-1) / counts.sum(-1)
-
-
-class ProjStats:
-    """Statistics of one projection, kept on the device until a field is read.
-
-    raw [M, 4] float32: |Vg|, |relu(Vg)|, |g| before, |g| after per module (for an update, g is
-    -Delta). cin [M]: |relu(Vg)| / |g| for the one-sided mode ("hackward"), |Vg| / |g| otherwise;
-    0 for a zero gradient and for modules without basis rows; NaN for a non-finite gradient
-    (`vhack.projector.cin`). cin_mean: unweighted mean of cin over the projected modules (k > 0)
-    with a non-zero gradient (`vhack.projector.cin_mean`; NaN when there are none); fired:
-    fraction of those with cin > 1e-6; energy_removed: 1 - sum |g after|^2 / sum |g before|^2
-    over all modules. Reading cin_mean, fired, energy_removed, nonfinite or as_dict()
-    synchronises; raw and cin do not.
-    """
-
-    def __init__(
-        self, names: list[str], raw: torch.Tensor, projected: torch.Tensor, one_sided: bool
-    ) -> None:
-        self.names = names
-        self.raw = raw
-        self.projected = projected  # bool [M] on raw's device: module has basis rows (k > 0)
-        self.one_sided = one_sided
-
-    @cached_property
-    def cin(self) -> torch.Tensor:
-        """[M] float32 on the device."""
-        return cin(self.raw, self.one_sided)
-
-    @cached_property
-    def _summary(self) -> tuple[float, float, float]:
-        counts = self.projected & (self.raw[:, 2] != 0)
-        fired = (counts & (self.cin > FIRED_THRESHOLD)).sum() / counts.sum()
-        mean = cin_mean(self.raw, self.projected, self.one_sided)
-        before, after = self.raw[:, 2:4].square().sum(0)
-        removed = 1 - after / before
-        return tuple(torch.stack([mean, fired, removed]).tolist())  # one synchronisation
-
-    @property
-    def cin_mean(self) -> float:
-        return self._summary[0]
-
-    @property
-    def fired(self) -> float:
-        return self._summary[1]
-
-    @property
-    def energy_removed(self) -> float:
-        """Share of the gradient's squared norm the projection removed (NaN for a zero gradient;
-        0 in measure mode)."""
-        return self._summary[2]
-
-    def all_finite(self) -> bool:
-        """True when every module's gradient and coefficients were finite."""
-        return bool(torch.isfinite(self.raw[:, [0, 2]]).all())
-
-    @property
-    def nonfinite(self) -> list[str]:
-        """Names of the modules whose gradient (or coefficients) were not finite: left untouched."""
-        bad = ~torch.isfinite(self.raw[:, [0, 2]]).all(1)
-        return [self.names[i] for i in bad.nonzero().flatten().tolist()]
-
-    def as_dict(self) -> dict[str, float]:
-        """cin_mean, fired, energy_removed, and the global norms before and after: ready for a
-        logger."""
-        before, after = self.raw[:, 2:4].square().sum(0).sqrt().tolist()
-        return {
-            "cin_mean": self.cin_mean,
-            "fired": self.fired,
-            "energy_removed": self.energy_removed,
-            "norm_before": before,
-            "norm_after": after,
-        }
-
-    def __repr__(self) -> str:
-        return (
-            f"ProjStats({len(self.names)} modules, cin_mean={self.cin_mean:.4g}, "
-            f"fired={self.fired:.3g})"
-        )
 
 
 class Projector:
@@ -195,8 +100,7 @@ class Projector:
     ) -> None:
         if not isinstance(adapter, Adapter):
             raise TypeError(f"adapter must be a vhack.Adapter (from vhack.wrap), got {adapter!r}")
-        if mode not in PROJECTION_MODES:
-            raise ValueError(f"mode must be one of {PROJECTION_MODES}, got {mode!r}")
+        check_mode(mode)
         if where not in WHERE:
             raise ValueError(f"where must be one of {WHERE}, got {where!r}")
         if on_nonfinite not in ON_NONFINITE:
@@ -327,7 +231,7 @@ class Projector:
             finally:
                 if negate:
                     grad.neg_()
-        return ProjStats(self.names, raw, projected, one_sided=self.mode == "hackward")
+        return ProjStats(self.names, raw, projected, one_sided=self.mode in ONE_SIDED_MODES)
 
     def _project_checked(self, grad: torch.Tensor, mode: str, negate: bool) -> ProjStats:
         """_project_packed under the on_nonfinite="raise" contract: a non-finite target is not
@@ -402,6 +306,25 @@ class Projector:
                     delta.data.copy_(torch.where(mask, snap, delta.data))
         return self._finish(stats)
 
+    # ---- the projection step around optimizer.step() ------------------------------------------
+    def pre_step(self) -> ProjStats | None:
+        """The projection's part just before optimizer.step(), the one order every caller uses
+        (attach, VHackCallback, the GRPO trainer; ShardedProjector has the same two methods):
+        where="grad" projects adapter.delta.grad and returns the statistics (None when no gradient
+        reached dS this step: the optimizer skips dS then too); where="update" snapshots dS and
+        returns None."""
+        if self.where == "update":
+            self.snapshot()
+            return None
+        if self.adapter.delta.grad is None:
+            return None
+        return self.project_()
+
+    def post_step(self) -> ProjStats | None:
+        """The projection's part just after optimizer.step(): where="update" projects the change
+        of dS and returns the statistics; where="grad" does nothing (None)."""
+        return self.project_() if self.where == "update" else None
+
     # ---- optimizer hooks -------------------------------------------------------------------------
     @property
     def attached(self) -> bool:
@@ -409,10 +332,11 @@ class Projector:
         return bool(self._hooks)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Projector:
-        """Run inside every optimizer.step(): where="grad" projects the gradient just before the
-        step (after any gradient clipping you do outside the step: to project before clipping,
-        call project_() yourself instead); where="update" snapshots dS before the step and
-        projects the change after it. Statistics land in `last_stats`. Returns self."""
+        """Run `pre_step` and `post_step` inside every optimizer.step(): where="grad" projects the
+        gradient just before the step (after any gradient clipping you do outside the step: to
+        project before clipping, call pre_step() yourself instead); where="update" snapshots dS
+        before the step and projects the change after it. Statistics land in `last_stats`.
+        Returns self."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
         if self._hooks:
@@ -433,26 +357,16 @@ class Projector:
                     "recomputes gradients after the pre-step hook; call project_() yourself"
                 )
 
-        if self.where == "grad":
+        def pre(opt, args, kwargs):
+            no_closure(args, kwargs)
+            self.pre_step()
 
-            def pre(opt, args, kwargs):
-                no_closure(args, kwargs)
-                self.project_()
+        def post(opt, args, kwargs):
+            self.post_step()
 
-            self._hooks = [optimizer.register_step_pre_hook(pre)]
-        else:
-
-            def pre(opt, args, kwargs):
-                no_closure(args, kwargs)
-                self.snapshot()
-
-            def post(opt, args, kwargs):
-                self.project_()
-
-            self._hooks = [
-                optimizer.register_step_pre_hook(pre),
-                optimizer.register_step_post_hook(post),
-            ]
+        self._hooks = [optimizer.register_step_pre_hook(pre)]
+        if self.where == "update":
+            self._hooks.append(optimizer.register_step_post_hook(post))
         return self
 
     def detach(self) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from vhack.ops.modes import PRESERVE_MIN_RATIO, PROJECTION_MODES, check_mode
+
 __all__ = [
     "PRESERVE_MIN_RATIO",
     "PROJECTION_MODES",
@@ -21,10 +23,7 @@ __all__ = [
     "svd_linear",
 ]
 
-PROJECTION_MODES = ("hackward", "both", "reverse", "measure")
-# preserve_magnitude leaves g' as is when |g'| <= PRESERVE_MIN_RATIO |g| (see project_). Every
-# backend uses this value (csrc/project.cpp and kernels/project.py repeat it).
-PRESERVE_MIN_RATIO = 1e-5
+# PROJECTION_MODES and PRESERVE_MIN_RATIO are defined in vhack.ops.modes (re-exported here).
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -127,8 +126,7 @@ def project_(
     spreads within a module.
     Returns float32 [M, 4] (float64 for float64 grads): |c|, |relu(c)|, |g| before, |g'| after.
     """
-    if mode not in PROJECTION_MODES:
-        raise ValueError(f"mode must be one of {PROJECTION_MODES}, got {mode!r}")
+    check_mode(mode)
     ct = torch.float64 if grad.dtype == torch.float64 else torch.float32
     n_modules = offsets.numel() - 1
     stats = torch.zeros(n_modules, 4, dtype=ct, device=grad.device)

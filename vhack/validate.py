@@ -41,6 +41,7 @@ from vhack.extract import (
     extraction_metadata,
     pair_differences,
 )
+from vhack.extract_config import EXTRACT_TOP_K
 from vhack.packing import offsets_from_sizes
 from vhack.pairs import Pair, normalize_prompt, pairset_hash
 from vhack.projector import cin_mean
@@ -320,7 +321,7 @@ def bootstrap_stability(
     n = diffs.shape[0]
     if n < 2:
         raise ValueError("bootstrap_stability needs diffs [n_train >= 2, R_total]")
-    top_k = top_k if top_k is not None else int(basis.metadata.get("top_k", 12))
+    top_k = top_k if top_k is not None else int(basis.metadata.get("top_k", EXTRACT_TOP_K))
     tau_axis = tau_axis if tau_axis is not None else float(basis.metadata.get("tau_axis", 0.0))
     gen = torch.Generator().manual_seed(seed)
     principal = {name: [] for name in basis.names}
@@ -390,7 +391,7 @@ def validate(
     basis: HackBasis | None = None,
     *,
     k: int | None = 5,
-    top_k: int = 12,
+    top_k: int = EXTRACT_TOP_K,
     tau_axis: float = 0.0,
     n_heldout: int = 2,
     drop_bottom_frac: float = 0.0,

@@ -62,32 +62,63 @@ class GRPOConfig:
     would remove from that gradient.
     """
 
-    arm: str = "vanilla"
-    steps: int = 100
-    prompts_per_step: int = 8
-    num_generations: int = 8
-    max_new_tokens: int | None = None
-    temperature: float = 1.0
+    arm: str = field(default="vanilla", metadata={"help": "one of " + ", ".join(ARMS)})
+    steps: int = field(default=100, metadata={"help": "GRPO steps"})
+    prompts_per_step: int = field(default=8, metadata={"help": "prompts sampled per step"})
+    num_generations: int = field(
+        default=8,
+        metadata={"help": "completions per prompt (the group, >= 2)", "flag": "--group-size"},
+    )
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "new tokens per completion (default: the environment's)"}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_p: float = 1.0
-    lr: float = 1e-2
+    lr: float = field(default=1e-2, metadata={"help": "AdamW learning rate on dS"})
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
-    max_grad_norm: float | None = None
-    beta: float = 0.0
+    max_grad_norm: float | None = field(
+        default=None,
+        metadata={
+            "help": "clip gradients to this norm after the projection (default: no clipping)"
+        },
+    )
+    beta: float = field(default=0.0, metadata={"help": "KL weight (K3, to dS = 0)"})
     kl_clamp: float = 10.0
     epsilon: float = 0.2
     epsilon_high: float = 0.2
-    num_iterations: int = 1
-    scale_rewards: str = "none"
+    num_iterations: int = field(
+        default=1, metadata={"help": "optimizer steps per batch of rollouts"}
+    )
+    scale_rewards: str = field(
+        default="none",
+        metadata={"help": "none (Dr.GRPO) or group (GRPO: divide by the group's std)"},
+    )
     log_kl: bool = True
-    teacher_per_group: int = 0
-    k: int = 6
-    top_k: int = 6
-    refresh_every: int = 25
+    teacher_per_group: int = field(
+        default=0,
+        metadata={
+            "help": "completions per group taken from the environment's hacking teacher; logs "
+            "cin_s / cin_t"
+        },
+    )
+    k: int = field(default=6, metadata={"help": "axes per module projected"})
+    top_k: int = field(default=6, metadata={"help": "axes extracted per module (>= k)"})
+    refresh_every: int = field(
+        default=25, metadata={"help": "arm refresh: steps between re-extractions"}
+    )
     basis_seed: int = 0
-    matched_energy: float | None = None
-    seed: int = 0
-    checkpoint_every: int = 0
+    matched_energy: float | None = field(
+        default=None,
+        metadata={
+            "help": "arm random-matched: share of the gradient energy removed per step "
+            "(default: what the hack basis would remove)"
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the run (and of the tiny / toy model)"})
+    checkpoint_every: int = field(
+        default=0, metadata={"help": "steps between checkpoints (0: never)"}
+    )
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -8,6 +8,15 @@ AdamW on dS; statistics read once per step; checkpoints that resume identically.
 Sampler, learner and grader are separate parts: `sample_rollouts` (generate on the merged dense
 weights), `token_logprobs` + `policy_loss` (the learner, through the adapter) and the
 environment's `score_batch` (the grader). The KL reference is the same model with dS bypassed.
+
+Each record holds the projection's statistics under the names VHackCallback logs
+(`vhack.projstats`: `vhack/cin_mean`, `vhack/cin_mean_two_sided`, `vhack/fired`,
+`vhack/energy_removed`, `vhack/energy_hackward`, `vhack/norm_before`, `vhack/norm_after`, averaged
+over the step's iterations that had a gradient, and `vhack/skipped_steps`), plus the trainer's
+probes: `cin_hack` (hack-ward cin, on the extracted basis, of the gradient the optimizer got;
+averaged like them), `cin_s` / `cin_t` (students' and teacher's, first iteration; NaN for a
+segment without gradient), `grad_norm`, `loss`. A step where no iteration had a gradient logs
+only `vhack/skipped_steps` of these.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from vhack.grpo.envs.base import Environment, Task
 from vhack.grpo.loss import group_advantages, policy_loss
 from vhack.grpo.rollout import Rollouts, encode_prompts, sample_rollouts, token_logprobs
 from vhack.pairs import Pair
+from vhack.projstats import METRIC_PREFIX, STAT_FIELDS, mean_over_steps_with_gradient
 
 __all__ = ["GRPOTrainer", "arm_basis", "check_fits", "latest_checkpoint"]
 
@@ -173,22 +183,6 @@ class GRPOTrainer:
         torch.manual_seed(config.seed)
 
     # ---- one step ----------------------------------------------------------------------------------
-    def _projection_scalars(self, proj, raw: torch.Tensor) -> torch.Tensor:
-        """[cin_mean, fired, energy_removed, energy_hackward] from raw [M, 4] on the device."""
-        projected = torch.tensor([k > 0 for k in proj.ks], device=raw.device)
-        cin = torch.where(raw[:, 2] > 0, raw[:, 1] / raw[:, 2].clamp_min(1e-30), 0.0)
-        cin = torch.where(projected, cin, 0.0)
-        n = projected.sum().clamp_min(1)
-        before = raw[:, 2].square().sum().clamp_min(1e-30)
-        return torch.stack(
-            [
-                cin.sum() / n,
-                (cin > 1e-6).sum() / n,
-                1 - raw[:, 3].square().sum() / before,
-                torch.where(projected, raw[:, 1], 0.0).square().sum() / before,
-            ]
-        )
-
     def train_step(self) -> dict:
         """Sample, grade and update once; returns the step's record (host floats)."""
         cfg, G = self.config, self.config.num_generations
@@ -246,6 +240,12 @@ class GRPOTrainer:
         names = list(device_stats)
         values = torch.stack([device_stats[n].float().reshape(()) for n in names]).tolist()
         record.update(zip(names, values, strict=True))  # the one host read of the step
+        skipped = METRIC_PREFIX + "skipped_steps"
+        record[skipped] = int(record[skipped])
+        if record[skipped] == cfg.num_iterations:  # no iteration had a gradient: no NaN logged
+            for field in STAT_FIELDS:
+                del record[METRIC_PREFIX + field]
+            del record["cin_hack"]
         record["skipped"] = False
         record["learning_rate"] = self.optimizer.param_groups[0]["lr"]
         self.global_step += 1
@@ -306,7 +306,8 @@ class GRPOTrainer:
             if cfg.num_iterations > 1:
                 old_logp = token_logprobs(model, ro, cfg.temperature)
         per_iter: list[dict[str, torch.Tensor]] = []
-        where = self.projector.where
+        summaries: list[torch.Tensor] = []  # ProjStats.summary() of the projection, per iteration
+        probes: list[torch.Tensor] = []  # ... and of the hack-basis probe
         mixed = sources is not None and bool((sources == 1).any()) and bool((sources == 0).any())
         for it in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
@@ -333,40 +334,29 @@ class GRPOTrainer:
             loss.backward()
             if cap is not None:  # per-source hack-ward cin from the captured segments
                 for name, src in (("cin_s", 0), ("cin_t", 1)):
-                    raw_src = self.probe.measure(cap.packed[src].clone()).raw
-                    st[name] = self._projection_scalars(self.probe, raw_src)[0]
+                    st[name] = self.probe.measure(cap.packed[src].clone()).summary()[0]
             if self.matched is not None:  # random-matched: axes matched to this gradient
                 self.basis = self.matched.choose(delta.grad, cfg.matched_energy)
                 self.projector = make_projector(cfg.arm, self.adapter, self.basis)
-            if where == "grad":
-                raw = self.projector.project_().raw
+            stats = self.projector.pre_step()  # where="grad": projected; "update": snapshot
             # the hack-ward cin (on the extracted basis) of the gradient the optimizer gets
-            cin_hack = self._projection_scalars(self.probe, self.probe.measure().raw)[0]
+            probes.append(self.probe.measure().summary())
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([delta], cfg.max_grad_norm)
             grad_norm = delta.grad.norm()
-            if where == "update":
-                self.projector.snapshot()
             self.optimizer.step()
-            if where == "update":
-                raw = self.projector.project_().raw
-            cin_mean, fired, removed, hackward = self._projection_scalars(self.projector, raw)
-            per_iter.append(
-                {
-                    "loss": loss.detach(),
-                    **st,
-                    "cin_mean": cin_mean,
-                    "fired": fired,
-                    "energy_removed": removed,
-                    "energy_hackward": hackward,
-                    "cin_hack": cin_hack,
-                    "grad_norm": grad_norm,
-                }
-            )
+            stats = self.projector.post_step() or stats
+            summaries.append(stats.summary())
+            per_iter.append({"loss": loss.detach(), **st, "grad_norm": grad_norm})
         out = {k: torch.stack([d[k] for d in per_iter if k in d]).mean() for k in per_iter[-1]}
         for k in ("cin_s", "cin_t"):
             if k in per_iter[0]:
                 out[k] = per_iter[0][k]
+        # the projection's statistics (vhack.projstats), over the iterations with a gradient
+        means, skipped = mean_over_steps_with_gradient(torch.stack(summaries))
+        out.update({METRIC_PREFIX + f: v for f, v in zip(STAT_FIELDS, means, strict=True)})
+        out[METRIC_PREFIX + "skipped_steps"] = skipped
+        out["cin_hack"] = mean_over_steps_with_gradient(torch.stack(probes))[0][0]
         return out
 
     def _refresh(self) -> float:

@@ -13,7 +13,6 @@ demo's cache key holds all of these.)
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -156,11 +155,11 @@ def save_toy_weights(model, path: Path) -> None:
     """Save toy weights atomically (the tied LM head is the embedding: stored once)."""
     import safetensors.torch
 
+    from vhack.files import atomic_write_bytes
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    safetensors.torch.save_file(state, str(tmp))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, safetensors.torch.save(state))
 
 
 def warm_model(

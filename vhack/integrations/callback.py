@@ -17,11 +17,15 @@ gradient, so the clipping bound still holds. To project first and clip afterward
 design notes recommend), set TrainingArguments(max_grad_norm=0) and VHackCallback(proj,
 max_grad_norm=1.0): the callback clips right after projecting.
 
-Statistics: every projection's cin_mean, fired, and energy removed (the fraction of the squared
-gradient norm, or update norm, the projection took out) are averaged over the optimizer steps
-between two logging steps and added to the trainer's periodic training log (the one with "loss";
-steps after the last logging step stay in `callback.pop_metrics()`) as `vhack/cin_mean`,
-`vhack/fired`, `vhack/energy_removed`, `vhack/norm_before`, `vhack/norm_after`. They go in before
+Statistics (`vhack.projstats`: one formula, one set of names): every projection's
+`vhack/cin_mean` (one-sided also in a measure-only run, so baseline and projected curves compare),
+`vhack/cin_mean_two_sided`, `vhack/fired`, `vhack/energy_removed` (the fraction of the squared
+gradient norm, or update norm, the projection took out), `vhack/energy_hackward`,
+`vhack/norm_before` and `vhack/norm_after` are averaged over the optimizer steps between two
+logging steps that had a gradient; `vhack/skipped_steps` counts the steps without one (a zero dS
+gradient: every GRPO group without reward variance), which would otherwise turn the window's
+averages into NaN. They are added to the trainer's periodic training log (the one with "loss";
+steps after the last logging step stay in `callback.pop_metrics()`). They go in before
 the log record is written, so they reach `trainer.state.log_history`, every report_to
 integration and the console. How: at on_train_begin the callback finds the Trainer that fired
 the event (the caller on the stack) and wraps its `log` method on that instance (restored at
@@ -54,11 +58,9 @@ from transformers import TrainerCallback
 
 import vhack
 from vhack.errors import UsageError
+from vhack.projstats import METRIC_PREFIX, ProjStatsWindow
 
 __all__ = ["METRIC_PREFIX", "VHackCallback"]
-
-METRIC_PREFIX = "vhack/"
-_FIELDS = ("cin_mean", "fired", "energy_removed", "norm_before", "norm_after")
 
 
 def _deepspeed_in_use(args) -> bool:
@@ -134,8 +136,7 @@ class VHackCallback(TrainerCallback):
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.log_metrics = bool(log_metrics)
         self.steps = 0  # optimizer steps projected since on_train_begin
-        self._sums = torch.zeros(len(_FIELDS), dtype=torch.float64)
-        self._count = 0
+        self._window = ProjStatsWindow()
         self._trainer = None
         self._wrapped_log = None
         self._pre_step: int | None = None
@@ -218,8 +219,7 @@ class VHackCallback(TrainerCallback):
     # ---- events ----------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._check_setup(args, model, optimizer)
-        self._sums.zero_()
-        self._count = 0
+        self._window = ProjStatsWindow()
         self.steps = 0
         self._pre_step = self._post_step = None
         trainer = _find_trainer(self)
@@ -236,13 +236,10 @@ class VHackCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         self._once_per_step(state, "_pre_step")
+        stats = self.projector.pre_step()  # None: snapshot only (update), or no gradient reached dS
         if self.projector.where == "update":
-            self.projector.snapshot()
             return control
-        if self.projector.adapter.delta.grad is None:
-            return control  # no gradient reached dS this step (e.g. every group had zero advantage)
-        stats = self.projector.project_()
-        if self.max_grad_norm is not None:
+        if stats is not None and self.max_grad_norm is not None:
             params = [p for p in (model or self.projector.adapter.model).parameters()]
             torch.nn.utils.clip_grad_norm_(
                 [p for p in params if p.grad is not None], self.max_grad_norm
@@ -253,7 +250,7 @@ class VHackCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         self._once_per_step(state, "_post_step")
         if self.projector.where == "update":
-            self._record(self.projector.project_())
+            self._record(self.projector.post_step())
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -283,21 +280,15 @@ class VHackCallback(TrainerCallback):
 
     # ---- statistics -----------------------------------------------------------------------------
     def _record(self, stats) -> None:
-        values = stats.as_dict()
-        if values["norm_before"] == 0:  # a zero gradient: nothing removed (ProjStats says NaN)
-            values["energy_removed"] = 0.0
-        self._sums += torch.tensor([values[f] for f in _FIELDS], dtype=torch.float64)
-        self._count += 1
-        self.steps += 1
+        """Add one optimizer step's statistics (None: no gradient reached dS) to the window."""
+        self._window.add(stats)
+        if stats is not None:
+            self.steps += 1
 
     def pop_metrics(self) -> dict[str, float]:
-        """The statistics averaged over the steps since the last call ({} if none); resets them."""
-        if self._count == 0:
-            return {}
-        means = (self._sums / self._count).tolist()
-        self._sums.zero_()
-        self._count = 0
-        return {METRIC_PREFIX + name: value for name, value in zip(_FIELDS, means, strict=True)}
+        """The statistics averaged over the steps since the last call that had a gradient, plus
+        `vhack/skipped_steps` ({} if no step ran); resets them."""
+        return self._window.pop()
 
     def _add_metrics(self, logs: dict[str, Any]) -> dict[str, float]:
         # Only the periodic training log carries "loss"; evaluation and the end-of-training

@@ -12,23 +12,22 @@ averaged gradient, never per process on local gradients. Three setups:
   (then clip) with the ordinary Projector. dS is small (about 0.5 M scalars for a 4B model), so
   this is the recommended FSDP2 setup.
 - dS sharded across ranks as contiguous flat shards (FSDP2 sharding the packed dS itself, or any
-  flat partition): `ShardedProjector` computes each module's partial coefficients V g and partial
-  |g|^2 on the local shard, all-reduces (SUM) them in one collective of M * (k_max + 1) floats,
-  applies the mode (relu for "hackward") to the reduced coefficients, and subtracts V^T phi from
-  the local shard. A second small all-reduce gives the global |g'|. Results and statistics equal
-  the single-process projection of the concatenated gradient (to float32 rounding).
+  flat partition): `ShardedProjector` assembles the full packed gradient (or update) on every rank
+  in one all-reduce of R_total floats (each rank contributes its shard, zeros elsewhere; about
+  2 MB for a 4B model), runs the ordinary Projector's projection on it (the one projection step,
+  through vhack.ops' backend dispatch: Triton on CUDA, C++ on CPU when built), and keeps its
+  shard. Results and statistics are exactly those of the single-process projection of the
+  concatenated gradient, on every rank.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.distributed as dist
 
 import vhack
-from vhack.reference import PRESERVE_MIN_RATIO
 
 __all__ = ["ShardedProjector", "all_reduce_grad", "fsdp2_shard_range"]
 
@@ -92,9 +91,11 @@ class ShardedProjector:
     change for where="update".
 
     project_(target=None) projects the local shard of param.grad (where="grad") or of the
-    change since snapshot() (where="update"); target may also be a local shard tensor [hi - lo].
-    Returns global ProjStats (identical on every rank), also kept as last_stats. Collective: every
-    rank must call it.
+    change since snapshot() (where="update"); target may also be a local shard tensor [hi - lo]
+    (a gradient for where="grad", a change Delta for where="update", as for Projector.project_).
+    pre_step() / post_step() run it around optimizer.step() in the Projector's order. Returns
+    global ProjStats (identical on every rank), also kept as last_stats; on_nonfinite behaves as
+    the Projector's. Collective: every rank must call it.
     """
 
     def __init__(
@@ -124,34 +125,7 @@ class ShardedProjector:
         self.lo, self.hi = lo, hi
         self.last_stats: vhack.ProjStats | None = None
         self._snapshot: torch.Tensor | None = None
-        self._build(projector)
-
-    def _build(self, projector: vhack.Projector) -> None:
-        """Per local element: its module index and its basis column, as [k_max, n_local]."""
-        ranks, ks = self.adapter.ranks, projector.ks
-        basis = projector.basis.detach().to("cpu", torch.float32)
-        self.n_modules = len(ranks)
-        self.k_max = max(ks, default=0)
-        n_local = self.hi - self.lo
-        module_of = torch.empty(n_local, dtype=torch.int64)
-        columns = torch.zeros(max(self.k_max, 1), n_local, dtype=torch.float32)
-        start, b0 = 0, 0
-        for m, (r, k) in enumerate(zip(ranks, ks, strict=True)):
-            lo, hi = max(start, self.lo), min(start + r, self.hi)
-            if lo < hi:
-                module_of[lo - self.lo : hi - self.lo] = m
-                if k > 0:
-                    V = basis[b0 : b0 + k * r].reshape(k, r)
-                    columns[:k, lo - self.lo : hi - self.lo] = V[:, lo - start : hi - start]
-            start += r
-            b0 += k * r
-        device = self.adapter.delta.device
-        self._module_of = module_of.to(device)
-        self._columns = columns.to(device)
-        self._projected = torch.tensor([k > 0 for k in ks], device=device)
-        self._row_valid = (
-            torch.arange(max(self.k_max, 1))[None, :] < torch.tensor(ks)[:, None]
-        ).to(device)  # [M, k_max]
+        self._full: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return f"ShardedProjector([{self.lo}, {self.hi}) of {sum(self.adapter.ranks)}, {self.projector!r})"
@@ -178,92 +152,86 @@ class ShardedProjector:
     def measure(self, target: torch.Tensor | None = None) -> vhack.ProjStats:
         return self._run(target, "measure")
 
+    def pre_step(self) -> vhack.ProjStats | None:
+        """`vhack.Projector.pre_step` on the shards: where="grad" projects the local gradient
+        (None when there is none), where="update" snapshots. Collective for where="grad"."""
+        if self.where == "update":
+            self.snapshot()
+            return None
+        if self.param.grad is None:
+            return None
+        return self.project_()
+
+    def post_step(self) -> vhack.ProjStats | None:
+        """`vhack.Projector.post_step` on the shards: where="update" projects the change."""
+        return self.project_() if self.where == "update" else None
+
     def _run(self, target, mode: str) -> vhack.ProjStats:
+        """Assemble the full target on every rank, project it with the Projector (its checks,
+        on_nonfinite contract and backend), keep this rank's shard."""
+        run = self.projector.measure if mode == "measure" else self.projector.project_
+        step = target is None and self.where == "update"
         if target is not None:
-            stats = self._project_local(self._local(target), mode)
+            local = self._local(target)
         elif self.where == "grad":
             grad = self.param.grad
             if grad is None:
                 raise RuntimeError("adapter.delta.grad is None: call project_() after backward")
-            stats = self._project_local(self._local(grad), mode)
+            local = self._local(grad)
         else:
             if self._snapshot is None:
                 raise RuntimeError('where="update": call snapshot() before the optimizer step')
             local = self._local(self.param.detach())
-            u = self._snapshot - local  # u = -Delta, projected like a gradient
-            stats = self._project_local(u, mode)
-            if mode != "measure":
-                with torch.no_grad():
-                    local.copy_(self._snapshot - u)
-                self._snapshot = None
+        try:
+            # a packed target of a where="update" Projector is the change Delta (see Projector)
+            full = self._assemble(local - self._snapshot if step else local)
+            try:
+                stats = run(full)
+            except RuntimeError:  # on_nonfinite="raise": nothing projected, on every rank
+                if step:
+                    with torch.no_grad():
+                        local.copy_(self._snapshot)  # all-or-nothing: undo the step, as Projector
+                    self._snapshot = None
+                raise
+        finally:
+            # The merged weights cached from dS must not outlive this step: under FSDP2 the next
+            # forward all-gathers the new values into the same unsharded buffer, a write the
+            # adapter's cache cannot see by itself (host-side counter, no device work).
+            self.adapter.invalidate()
+        if mode != "measure":
+            mine = full[self.lo : self.hi]
+            with torch.no_grad():
+                if step:
+                    new = self._snapshot + mine
+                    if self.projector.on_nonfinite != "ignore" and not stats.all_finite():
+                        bad = self._module_mask(~torch.isfinite(stats.raw[:, [0, 2]]).all(1))
+                        new = torch.where(bad, self._snapshot, new)  # pre-step values
+                    local.copy_(new.to(local.dtype))
+                    self._snapshot = None
+                else:
+                    local.copy_(mine)
         self.last_stats = stats
-        # The merged weights cached from dS must not outlive this step: under FSDP2 the next
-        # forward all-gathers the new values into the same unsharded buffer, a write the
-        # adapter's cache cannot see by itself (host-side counter, no device work).
-        self.adapter.invalidate()
-        on_nonfinite = self.projector.on_nonfinite
-        if on_nonfinite != "ignore" and not stats.all_finite():  # global stats: same on every rank
-            message = (
-                f"non-finite dS {'update' if self.where == 'update' else 'gradient'} in "
-                f"module(s) {stats.nonfinite[:8]}; they were left unprojected"
-            )
-            if on_nonfinite == "raise":
-                raise RuntimeError(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
         return stats
 
-    # ---- the projection ----------------------------------------------------------------------------
-    def _project_local(self, g: torch.Tensor, mode: str) -> vhack.ProjStats:
-        M, K = self.n_modules, max(self.k_max, 1)
-        alpha = self.projector.alpha
+    def _assemble(self, local: torch.Tensor) -> torch.Tensor:
+        """The full packed tensor [R_total] on every rank: each rank's shard, zeros elsewhere,
+        summed in one all-reduce (the shards tile the buffer, so the sum is the concatenation,
+        exactly)."""
+        delta = self.adapter.delta
+        if self._full is None or self._full.dtype != local.dtype:
+            self._full = torch.empty(delta.shape, dtype=local.dtype, device=local.device)
+        full = self._full
         with torch.no_grad():
-            g32 = g.to(torch.float32)
-            idx = self._module_of
-            partial = torch.zeros(M * K + M, dtype=torch.float32, device=g.device)
-            coef = partial[: M * K].view(M, K)
-            gsq = partial[M * K :]
-            contrib = self._columns * g32  # [K, n_local]
-            coef.T.index_add_(1, idx, contrib)  # coef[m, i] += sum over module m's elements
-            gsq.index_add_(0, idx, g32.square())
-            dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=self.group)
+            full.zero_()
+            full[self.lo : self.hi].copy_(local)
+            dist.all_reduce(full, op=dist.ReduceOp.SUM, group=self.group)
+        return full
 
-            finite = torch.isfinite(gsq) & torch.isfinite(coef).all(1)
-            active = finite & self._projected & (mode != "measure")
-            if mode == "hackward":
-                phi = coef.clamp_min(0)
-            elif mode == "reverse":
-                phi = 2.0 * coef
-            else:
-                phi = coef.clone()
-            phi = torch.where(active[:, None] & self._row_valid, phi * alpha, 0.0)
-            step = (self._columns * phi.T[:, idx]).sum(0)  # [n_local]
-            new = g32 - step
-            after_sq = torch.zeros(M, dtype=torch.float32, device=g.device)
-            after_sq.index_add_(0, idx, torch.where(active[idx], new, 0.0).square())
-            dist.all_reduce(after_sq, op=dist.ReduceOp.SUM, group=self.group)
-            after_sq = torch.where(active, after_sq, gsq)
-            if self.projector.preserve_magnitude:
-                before, after = gsq.sqrt(), after_sq.sqrt()
-                rescale = active & (after > PRESERVE_MIN_RATIO * before)
-                scale = torch.where(rescale, before / after.clamp_min(1e-38), 1.0)
-                new = new * scale[idx]
-                after_sq = torch.where(rescale, gsq, after_sq)
-            if mode != "measure":
-                g.copy_(torch.where(active[idx], new, g32).to(g.dtype))
-
-            c_valid = torch.where(self._row_valid, coef, 0.0)
-            raw = torch.stack(
-                [
-                    c_valid.norm(dim=1),
-                    c_valid.clamp_min(0).norm(dim=1),
-                    gsq.sqrt(),
-                    after_sq.sqrt(),
-                ],
-                dim=1,
-            )
-        return vhack.ProjStats(
-            self.adapter.names, raw, self._projected, one_sided=self.projector.mode == "hackward"
-        )
+    def _module_mask(self, modules: torch.Tensor) -> torch.Tensor:
+        """bool [hi - lo]: the local elements that belong to the given modules (bool [M])."""
+        ranks = torch.tensor(self.adapter.ranks, device=modules.device)
+        full = modules.repeat_interleave(ranks, output_size=sum(self.adapter.ranks))
+        return full[self.lo : self.hi]
 
 
 def _check_cover(lo: int, hi: int, total: int, group) -> None:

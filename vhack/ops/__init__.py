@@ -7,16 +7,20 @@ Every op validates its inputs before any backend runs, so all backends fail alik
 
 Layout: one file per op, mirroring vhack/kernels/<op>.py: svd_linear.py (svd_linear, delta_grad,
 merge_weight) with its torch path in svd_linear_torch.py; project.py (project_) with its torch
-path in project_torch.py and the cached packed layout in layout.py.
+path in project_torch.py, its modes in modes.py (PROJECTION_MODES, check_mode) and the cached
+packed layout in layout.py.
 """
 
 from vhack.ops.dispatch import BACKENDS, backends, use_backend
+from vhack.ops.modes import PROJECTION_MODES, check_mode
 from vhack.ops.project import project_
 from vhack.ops.svd_linear import delta_grad, merge_weight, svd_linear
 
 __all__ = [
     "BACKENDS",
+    "PROJECTION_MODES",
     "backends",
+    "check_mode",
     "delta_grad",
     "merge_weight",
     "project_",

@@ -14,6 +14,7 @@ from vhack import reference
 from vhack.kernels.utils import FLOAT_DTYPES, check_same_device, check_tensor, empty
 from vhack.ops.dispatch import choose_backend
 from vhack.ops.layout import layout_for
+from vhack.ops.modes import check_mode
 from vhack.ops.project_torch import project_torch_
 
 __all__ = ["project_"]
@@ -25,8 +26,7 @@ def _check_project(grad, offsets, basis, basis_offsets, ks, mode, alpha):
     check_tensor(basis, "basis", dim=1, dtypes=FLOAT_DTYPES, contiguous=True)
     check_tensor(basis_offsets, "basis_offsets", dim=1, dtypes=(torch.int64,))
     check_tensor(ks, "ks", dim=1, dtypes=(torch.int64,))
-    if mode not in reference.PROJECTION_MODES:
-        raise ValueError(f"mode must be one of {reference.PROJECTION_MODES}, got {mode!r}")
+    check_mode(mode)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
         raise TypeError(f"alpha must be a Python number, got {type(alpha).__name__}")
     if not math.isfinite(alpha):
@@ -130,7 +130,7 @@ def project_(
     grad [R_total] packed (float32/bfloat16/float16; float64 off the Triton path), modified in
     place; offsets int64 [M + 1]; basis packed, module m's row-major k_max_m x r_m block at
     basis[basis_offsets[m]:basis_offsets[m+1]]; ks int64 [M] rows to use (0 = not projected). See
-    `vhack.reference.project_` for the modes; stats columns: |Vg|, |relu(Vg)|, |g| before, after.
+    `vhack.ops.modes` for the modes; stats columns: |Vg|, |relu(Vg)|, |g| before, after.
     Modules with a non-finite |g| (or c) are left untouched and show it in their stats.
 
     The layout's values are checked once per (offsets, basis_offsets, ks) tensors and cached

@@ -8,7 +8,7 @@ import torch
 
 from vhack.kernels.utils import empty
 from vhack.ops.layout import ProjectionLayout
-from vhack.reference import PRESERVE_MIN_RATIO
+from vhack.ops.modes import PRESERVE_MIN_RATIO, check_mode, coefficient_step
 
 __all__ = ["project_torch_"]
 
@@ -25,6 +25,7 @@ def project_torch_(
     gathered into [n, r] and projected with batched matmuls (a loop over distinct shapes, two or
     three in a transformer, never over modules). Math in float32 (float64 for float64 grads);
     returns stats float32 [M, 4]."""
+    check_mode(mode)
     ct = torch.float64 if grad.dtype == torch.float64 else torch.float32
     stats = empty((layout.n_modules, 4), torch.float32, grad.device)
     project = mode != "measure"
@@ -38,7 +39,7 @@ def project_torch_(
         norm_c = torch.linalg.vector_norm(c, dim=1)
         after = norm_g
         if project and grp.k > 0:
-            phi = {"hackward": relu_c, "both": c, "reverse": 2.0 * c}[mode] * alpha
+            phi = coefficient_step(c, mode, alpha)
             new = torch.baddbmm(g.unsqueeze(1), phi.unsqueeze(1), V, alpha=-1).squeeze(1)
             norm_new = torch.linalg.vector_norm(new, dim=1)
             if preserve_magnitude:

@@ -1,0 +1,7 @@
+"""`python -m vhack.cli`: the `vhack` command."""
+
+import sys
+
+from vhack.cli import main
+
+sys.exit(main())
