@@ -152,10 +152,10 @@ def test_summary_counts_held_runs_and_the_verdict_follows_the_numbers():
     assert summary["arms"]["vanilla"]["held"]["heldout"]["k"] == 8
     summary["settings"]["kl_beta"] = 1.0
     text = verdict(summary)
-    assert "Projected held the known loophole in 6/8 (95 % CI 0.41-0.93)" in text
+    assert "Projected held the known loophole in 6/8 runs (95 % CI 0.41-0.93)" in text
     assert "more often than every control (best: random-matched, 0/8)" in text
     assert "intervals do not overlap" in text
-    assert "the held-out loophole in 0/8" in text
+    assert "the held-out loophole in 0/8 runs" in text
     assert "random-matched removed 0.25 of the gradient energy against projected's 0.25" in text
 
     # the same numbers with the control holding as often: the verdict says so

@@ -603,7 +603,7 @@ def format_table(summary: dict, markdown: bool = False) -> str:
 
 def _held_phrase(e: dict, which: str) -> str:
     h = e["held"][which]
-    return f"{h['k']}/{h['n']} (95 % CI {h['low']:.2f}-{h['high']:.2f})"
+    return f"{h['k']}/{h['n']} runs (95 % CI {h['low']:.2f}-{h['high']:.2f})"
 
 
 def _compare(summary: dict, arm: str, controls: list[str], which: str) -> str:
@@ -637,7 +637,7 @@ def verdict(summary: dict) -> str:
     if "vanilla" in arms:
         parts.append(
             f"Vanilla GRPO held the known loophole in {_held_phrase(arms['vanilla'], 'known')} "
-            f"runs and the held-out one in {_held_phrase(arms['vanilla'], 'heldout')}."
+            f"and the held-out one in {_held_phrase(arms['vanilla'], 'heldout')}."
         )
     for arm in methods:
         text = f"{arm} held the known loophole in {_held_phrase(arms[arm], 'known')}"
@@ -673,6 +673,19 @@ def verdict(summary: dict) -> str:
                 f"random-matched removed {r:.2f} of the gradient energy against projected's "
                 f"{p:.2f} (ratio {ratio:.2f}, {inside} the 25 % matching target)."
             )
+    evaluated = [a for a, e in arms.items() if e.get("eval", {}).get("sampled")]
+    start = summary.get("eval_start", {}).get("sampled")
+    if evaluated:
+        parts.append(
+            "On held-out prompts at T = 1 the final policies hacked (either marker) / solved: "
+            + (f"warm start {_ms(start['hack'])} / {_ms(start['solve'])}; " if start else "")
+            + "; ".join(
+                f"{a} {_ms(arms[a]['eval']['sampled']['hack'])} / "
+                f"{_ms(arms[a]['eval']['sampled']['solve'])}"
+                for a in evaluated
+            )
+            + "."
+        )
     clip = [v for e in arms.values() for v in e["clip_ratio/region_mean"] if v is not None]
     if clip:
         parts.append(f"The largest per-run mean clip fraction was {max(clip):.3f}.")
