@@ -304,7 +304,9 @@ def run_demo(
                 follow = []  # (arm, matched_energy) to start now
                 if key[0] == "prepare":
                     prepared[key[1]] = result
-                    follow = [(a, None) for a in settings.arms if a not in waits]
+                    # projected first (random-matched waits for it), then the longest (kl)
+                    first = sorted(settings.arms, key=lambda a: (a != "projected", a != "kl"))
+                    follow = [(a, None) for a in first if a not in waits]
                 else:
                     runs[(key[2], key[1])] = result
                     if key[2] == "projected" and "random-matched" in waits:
