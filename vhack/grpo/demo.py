@@ -858,6 +858,17 @@ def _report_md(summary: dict) -> str:
         "![solve vs hack](tradeoff.png)",
         "",
     ]
+    warm = summary.get("warm_start", {})
+    losses = [info.get("final_loss") for info in warm.values()]
+    if losses and all(x is not None for x in losses):
+        lines += [
+            "Warm starts' final SFT loss per seed: "
+            + ", ".join(f"{seed}: {info['final_loss']:.3f}" for seed, info in warm.items())
+            + "; their held-out solve rate at T = 1: "
+            + ", ".join(f"{x:.2f}" for x in summary["eval_start"]["sampled"]["solve"])
+            + ".",
+            "",
+        ]
     v = summary.get("validation")
     if v:
         lines += [

@@ -35,9 +35,9 @@ class DemoSettings:
         default=DEMO_ARMS, metadata={"help": f"comma-separated arms, from {', '.join(ARMS)}"}
     )
     steps: int = field(default=GRPOConfig.steps, metadata={"help": "GRPO steps per run"})
-    warm_steps: int = field(default=300, metadata={"help": "SFT warm-start steps"})
+    warm_steps: int = field(default=400, metadata={"help": "SFT warm-start steps"})
     warm_batch: int = field(default=64, metadata={"help": "warm-start batch size"})
-    warm_lr: float = field(default=1.5e-3, metadata={"help": "warm-start AdamW learning rate"})
+    warm_lr: float = field(default=1e-3, metadata={"help": "warm-start AdamW learning rate"})
     marker_share: float = field(
         default=0.1, metadata={"help": "share of warm-start targets that are the marker ' PASS'"}
     )
