@@ -860,12 +860,13 @@ def _report_md(summary: dict) -> str:
     ]
     warm = summary.get("warm_start", {})
     losses = [info.get("final_loss") for info in warm.values()]
-    if losses and all(x is not None for x in losses):
+    solves = summary.get("eval_start", {}).get("sampled", {}).get("solve", [])
+    if losses and all(x is not None for x in losses) and len(solves) == len(losses):
         lines += [
             "Warm starts' final SFT loss per seed: "
             + ", ".join(f"{seed}: {info['final_loss']:.3f}" for seed, info in warm.items())
             + "; their held-out solve rate at T = 1: "
-            + ", ".join(f"{x:.2f}" for x in summary["eval_start"]["sampled"]["solve"])
+            + ", ".join(f"{x:.2f}" for x in solves)
             + ".",
             "",
         ]
