@@ -3,7 +3,9 @@
     python examples/hf_trainer.py --steps 4
 
 Causal-LM fine-tuning of dS on the toy pairs' hack completions; `vhack/cin_mean`, `vhack/fired`
-and `vhack/energy_removed` appear in the Trainer's logs (console, report_to, log_history).
+and `vhack/energy_removed` appear in the Trainer's logs (console, report_to, log_history). With
+--output-dir, the trained adapter is saved there at the end (`trainer.save_model`: with the callback,
+adapter_config.json + adapter_model.safetensors; reload with vhack.load_adapter(base_model, dir)).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         callbacks=[VHackCallback(proj)],  # projects after the Trainer's clipping, every step
     )
     trainer.train()
+    if args.output_dir:
+        trainer.save_model(args.output_dir)  # the adapter files, not the base model
     return trainer.state.log_history
 
 

@@ -1,12 +1,18 @@
 """The projector in TRL's GRPOTrainer (CPU, the tiny model, seconds).
 
-    python examples/trl_grpo.py --steps 3
-    accelerate launch --cpu --num_processes 2 examples/trl_grpo.py --steps 3   # data parallel
+    python examples/trl_grpo.py --steps 3 --save-dir out
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+        --dynamo_backend no examples/trl_grpo.py --steps 3   # data parallel: 2 CPU ranks
+    # (--multi_gpu selects accelerate's torchrun launcher; without GPUs the ranks run on CPU over
+    # gloo, since the config says use_cpu=True. `--cpu --num_processes 2` starts ONE process.)
 
 GRPO on the toy pairs' prompts with a proxy reward the copy hack satisfies (the answer looks like
 a word and has the word's letters), the projector as a callback, and a KL term against the dS = 0 state of the same
 model (--beta; no second model in memory). With --stats-out, each rank writes its log history
 there (rank<i>.json): under data parallelism the vhack statistics are identical on every rank.
+With --save-dir, the result is kept both ways: <dir>/adapter (adapter files: reload with
+vhack.load_adapter(base_model, dir)) and <dir>/merged (a plain Hugging Face model directory for
+from_pretrained, vLLM or the Hub).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--stats-out", default=None)
+    parser.add_argument("--save-dir", default=None, help="write <dir>/adapter and <dir>/merged")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one thread per process keeps CPU data parallelism fast
 
@@ -78,6 +85,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.beta > 0:
         use_zero_delta_reference(trainer, adapter, beta=args.beta)
     trainer.train()
+
+    if args.save_dir:
+        trainer.save_model(os.path.join(args.save_dir, "adapter"))  # adapter files (the callback)
+        if trainer.accelerator.is_main_process:
+            adapter.save_merged(os.path.join(args.save_dir, "merged"), tokenizer=tok)
 
     history = trainer.state.log_history
     if args.stats_out:

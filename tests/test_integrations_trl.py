@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import vhack
+from vhack.errors import UsageError
 from vhack.integrations import VHackCallback, ZeroDeltaReference, use_zero_delta_reference
 
 trl = pytest.importorskip("trl", reason="TRL is not installed (pip install 'vhack-kernels[trl]')")
@@ -92,3 +93,27 @@ def test_zero_delta_reference_needs_a_trainer_built_with_beta_zero(tmp_path):
         use_zero_delta_reference(trainer, adapter, beta=0.1)
     with pytest.raises(ValueError, match="positive"):
         use_zero_delta_reference(trainer, adapter, beta=0)
+
+
+def test_beta_above_zero_on_an_in_memory_model_points_to_the_zero_delta_reference(tmp_path):
+    """TRL would fail inside with "Repo id must use alphanumeric chars" (from_pretrained(''));
+    the callback refuses at on_init_end, before TRL builds its reference."""
+    model, adapter, basis = _wrapped()
+    with pytest.raises(UsageError, match=r"beta=0.1.*use_zero_delta_reference") as err:
+        _grpo(tmp_path, model, [VHackCallback(vhack.Projector(adapter, basis))], beta=0.1)
+    assert "\n" not in str(err.value)
+
+
+def test_beta_above_zero_with_a_loadable_name_builds_trls_reference(tmp_path):
+    """A model loaded from a directory: TRL's own reference (a second copy of the base) works."""
+    base = vhack.models.tiny_model(seed=0)
+    base.save_pretrained(tmp_path / "base")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    adapter = vhack.wrap(model, progress=False, use_cache=False)
+    basis = _wrapped()[2]
+    trainer = _grpo(
+        tmp_path / "run", model, [VHackCallback(vhack.Projector(adapter, basis))], beta=0.1
+    )
+    assert trainer.ref_model is not None and trainer.beta == 0.1

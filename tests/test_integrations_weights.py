@@ -100,3 +100,41 @@ def test_zero_delta_reference_is_the_base_model():
     reference.eval()
     model.train()
     assert model.training  # the reference never touches the policy's mode
+
+
+def test_vllm_sync_patch_refuses_a_trl_whose_sync_it_cannot_replace():
+    from vhack.errors import UsageError
+
+    model, adapter, _ = _trained()
+
+    class Trl10Generation:  # TRL 1.0 to 1.10: sync_weights walks model.named_parameters() inline
+        def __init__(self, model) -> None:
+            self.model = model
+
+        def sync_weights(self):
+            for _name, _param in self.model.named_parameters():
+                pass
+
+    with pytest.raises(UsageError, match=r"no _iter_named_params.*TRL >=1.11"):
+        patch_vllm_sync(Trl10Generation(model), adapter)
+
+    class Bypassing(Trl10Generation):  # the method exists, but the sync does not read it
+        def _iter_named_params(self):
+            yield from self.model.named_parameters()
+
+    with pytest.raises(UsageError, match=r"does not read _iter_named_params"):
+        patch_vllm_sync(Bypassing(model), adapter)
+
+    class SharedWeights(Bypassing):  # a colocate mode where vLLM reads the model's own weights
+        share_weights = True
+
+        def sync_weights(self):
+            return list(self._iter_named_params())
+
+    with pytest.raises(UsageError, match=r"share_weights=True"):
+        patch_vllm_sync(SharedWeights(model), adapter)
+    generation = SharedWeights(model)
+    generation.share_weights = False
+    patch_vllm_sync(generation, adapter)  # supported: the sync reads the patched iterator
+    names = [n for n, _ in generation.sync_weights()]
+    assert names == [n for n, _ in vhack.models.tiny_model().named_parameters()]

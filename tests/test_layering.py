@@ -35,7 +35,13 @@ LAYERS: list[tuple[str, ...]] = [
     # 1: the ops: backend dispatch over kernels/, csrc/ (vhack._C) and the reference
     ("vhack.ops", "vhack._C"),
     # 2: the adapter and the basis (what the ops act on)
-    ("vhack.svd_cache", "vhack.adapter", "vhack.basis", "vhack.shared_prompt"),
+    (
+        "vhack.svd_cache",
+        "vhack.adapter",
+        "vhack.adapter_files",
+        "vhack.basis",
+        "vhack.shared_prompt",
+    ),
     # 3: projection and extraction
     ("vhack.projector", "vhack.projstats", "vhack.extract", "vhack.difference_basis"),
     # 4: validation (extracts and projects)

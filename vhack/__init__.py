@@ -28,6 +28,7 @@ _LAZY = {
     "SVDLinear": "vhack.adapter",
     "SegmentGrads": "vhack.adapter",
     "wrap": "vhack.adapter",
+    "load_adapter": "vhack.adapter_files",
     "HackBasis": "vhack.basis",
     "load_or_extract": "vhack.extract",
     "Pair": "vhack.pairs",
@@ -46,6 +47,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from vhack import errors, lm, models, ops, reference, validate
     from vhack.adapter import DEFAULT_TARGETS, Adapter, SegmentGrads, SVDLinear, wrap
+    from vhack.adapter_files import load_adapter
     from vhack.basis import HackBasis
     from vhack.extract import extract, load_or_extract
     from vhack.pairs import Pair, builtin_pairs, load_pairs
@@ -65,6 +67,7 @@ __all__ = [
     "errors",
     "extract",
     "lm",
+    "load_adapter",
     "load_or_extract",
     "load_pairs",
     "models",

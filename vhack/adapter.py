@@ -29,6 +29,17 @@ The clock is process-wide, so any optimizer step re-merges every adapter once (c
 module per step). Writes that none of these see need `adapter.invalidate()` afterwards: through a
 `.data` alias kept from before, through `.data` of a view (`lin.delta_S.data`), or by kernels called
 directly (`torch._fused_adamw_`, custom CUDA) outside an optimizer step.
+
+Base weights written after wrapping. U, S, Vh are computed from the base weight at wrap time; if
+the weight changes later, each module recomputes them (through the SVD cache) so that the forward
+is W_new + U_new diag(dS) Vh_new, never new weights with stale factors:
+  * `model.load_state_dict` (wrapped names `*.base_weight` or plain `*.weight`, also assign=True):
+    at the load, only for modules whose weight really changed;
+  * an in-place write into `base_weight` (`copy_`: its version counter) or a `.data` assignment
+    (its storage moves): at the module's next forward (host-side counters, no device sync).
+Writes through a `.data` alias (`base_weight.data.copy_(w)`) are not seen: call
+`SVDLinear.refresh_factors()` after them. Saving and reloading a trained adapter:
+`vhack.adapter_files`.
 """
 
 from __future__ import annotations
@@ -47,7 +58,15 @@ from vhack import ops
 from vhack.ops.svd_linear import check_segment_range
 from vhack.svd_cache import svd_cache_dir, svd_factors
 
-__all__ = ["DEFAULT_TARGETS", "Adapter", "DeltaParameter", "SVDLinear", "SegmentGrads", "wrap"]
+__all__ = [
+    "DEFAULT_TARGETS",
+    "Adapter",
+    "DeltaParameter",
+    "SVDLinear",
+    "SegmentGrads",
+    "peft_modules",
+    "wrap",
+]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -171,6 +190,9 @@ class SVDLinear(nn.Module):
         store: DeltaStore,
         span: tuple[int, int],
         owns_store: bool = False,
+        *,
+        name: str = "",
+        svd_cache: Path | None = None,
     ) -> None:
         super().__init__()
         self.in_features = linear.in_features
@@ -195,6 +217,10 @@ class SVDLinear(nn.Module):
         # Set by Adapter.merged() to the merged weight: a plain dense forward, no dS gradient,
         # and no per-call cache check (generation is launch-bound at small batch).
         self.generation_weight: torch.Tensor | None = None
+        self._name = name  # the module's name in the model, for error messages
+        self._svd_cache = svd_cache  # where refresh_factors() finds or puts its SVDs
+        # (base weight Parameter, its _version, its data_ptr) that U, S, Vh were computed from
+        self._factors_of: tuple | None = self._weight_identity()
 
     @property
     def delta_S(self) -> torch.Tensor:
@@ -225,6 +251,7 @@ class SVDLinear(nn.Module):
         what invalidates the cache, and when to call `adapter.invalidate()` yourself. At dS = 0
         this is the original weight itself: no copy, no rounding.
         """
+        self._check_factors()
         store = self._store
         delta_key = store.key()
         key = (*delta_key, self.base_weight.data_ptr(), self.U.dtype)
@@ -258,7 +285,72 @@ class SVDLinear(nn.Module):
         super()._apply(fn, recurse)
         self.S = S.to(self.U.device)  # singular values stay float32 whatever the model dtype
         self._merged, self._merged_from = None, None
+        self._factors_of = self._weight_identity()  # U, Vh were moved / cast with the weight
         return self
+
+    # ---- the SVD factors follow the base weight ----------------------------------------------
+    def _weight_identity(self) -> tuple:
+        weight = self.base_weight
+        return (weight, weight._version, weight.data_ptr())
+
+    def _check_factors(self) -> None:
+        """Recompute U, S, Vh if the base weight was written since they were computed: an
+        in-place write (`base_weight.copy_(w)`, bumps its version counter) or a `.data`
+        assignment (moves its storage). Host-side counters only, no device work. A different
+        Parameter object (FSDP2 swaps in its unsharded parameter during the forward) is not
+        checked; `load_state_dict` handles its own replacements."""
+        weight, source = self.base_weight, self._factors_of
+        if (
+            source is not None
+            and weight is source[0]
+            and (weight._version != source[1] or weight.data_ptr() != source[2])
+        ):
+            self.refresh_factors()
+
+    def refresh_factors(self) -> None:
+        """Recompute U, S, Vh from the current base weight (through the SVD cache of wrap), e.g.
+        after writing the base weight in a way the version counter does not see (through a
+        `.data` alias: `base_weight.data.copy_(w)`). dS keeps its values, now in the new
+        weight's basis."""
+        weight = self.base_weight
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{self._name or 'SVDLinear'}: the base weight now has shape "
+                f"{tuple(weight.shape)}, but the module was wrapped as [{self.out_features}, "
+                f"{self.in_features}]; load weights of the same shape, or wrap the model again"
+            )
+        with torch.inference_mode(False), torch.no_grad():
+            U, S, Vh = svd_factors(weight.detach(), self._svd_cache)
+        self.U, self.S, self.Vh = U, S, Vh
+        self._merged, self._merged_from = None, None
+        self._factors_of = self._weight_identity()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # A plain (unwrapped) checkpoint names the base weight `<module>.weight`: accept it.
+        plain, wrapped = prefix + "weight", prefix + "base_weight"
+        if plain in state_dict and wrapped not in state_dict:
+            state_dict = {(wrapped if k == plain else k): v for k, v in state_dict.items()}
+        incoming = state_dict.get(wrapped)
+        unchanged = (
+            isinstance(incoming, torch.Tensor)
+            and incoming.shape == self.base_weight.shape
+            and torch.equal(
+                incoming.detach().to(self.base_weight.device, self.base_weight.dtype),
+                self.base_weight.detach(),
+            )
+        )
+        before = self.base_weight
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if incoming is None or self.base_weight.shape != (self.out_features, self.in_features):
+            return  # nothing loaded here, or a size mismatch torch reports itself
+        if unchanged and self.base_weight is before:
+            self._factors_of = self._weight_identity()  # the same values: U, S, Vh still hold
+        else:
+            self.refresh_factors()  # new weights (or a new Parameter, assign=True)
 
     def extra_repr(self) -> str:
         return (
@@ -424,6 +516,34 @@ class Adapter:
                 mod.delta_S.copy_(state_dict[name].to(torch.float32))
         self.invalidate()  # the copies bump the version counter already; this keeps it explicit
 
+    # ---- files (vhack.adapter_files) ----------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the trained dS as adapter files into directory `path`: adapter_config.json
+        (targets, ranks, dtype, vhack version, the base model's fingerprint) and
+        adapter_model.safetensors ({module name: dS [r] float32}); no base weights. Reload with
+        `vhack.load_adapter(base_model, path)`. Returns the directory."""
+        from vhack.adapter_files import save_adapter
+
+        return save_adapter(self, path)
+
+    def load_pretrained(self, path: str | Path, strict: bool = True) -> None:
+        """Load dS saved by `save_pretrained` into this adapter (same targets and ranks; the base
+        weights are checked against the saved fingerprint: ValueError, or a warning with
+        strict=False). Nothing is written unless every check passes."""
+        from vhack.adapter_files import load_adapter_weights
+
+        load_adapter_weights(self, path, strict=strict)
+
+    def save_merged(self, path: str | Path, tokenizer=None) -> Path:
+        """Write the trained model as a plain Hugging Face model directory: merged weights
+        W + U diag(dS) Vh under the base model's names, no vhack names, plus the tokenizer when
+        given. `AutoModelForCausalLM.from_pretrained(path)` loads it: the way to serve (vLLM) or
+        publish it (`from_pretrained(path).push_to_hub(repo)`, or upload the directory). The
+        wrapped model is not changed."""
+        from vhack.adapter_files import save_merged
+
+        return save_merged(self, path, tokenizer=tokenizer)
+
     def invalidate(self) -> None:
         """Recompute every module's merged weight at its next use.
 
@@ -562,6 +682,17 @@ def _output_embedding_ids(model: nn.Module) -> set[int]:
     return {id(head)} if head is not None else set()
 
 
+def peft_modules(model: nn.Module) -> list[str]:
+    """Names of the modules of `model` that come from the PEFT library (LoRA layers and the
+    PeftModel wrappers; "" for the root): non-empty when PEFT was applied to it. Duck-typed, so
+    it needs no PEFT install."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if type(module).__module__.split(".")[0] == "peft"
+    ]
+
+
 def _resolve_targets(model: nn.Module, targets) -> list[tuple[str, nn.Linear]]:
     """(name, Linear) of every module `targets` selects, in model order; clear errors otherwise."""
     named = [(n, m) for n, m in model.named_modules() if n]
@@ -646,6 +777,13 @@ def wrap(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if any(isinstance(m, SVDLinear) for m in model.modules()):
         raise ValueError("model is already wrapped by vhack; call adapter.unwrap() first")
+    peft = peft_modules(model)
+    if peft:
+        raise ValueError(
+            f"model is a PEFT model ({len(peft)} PEFT modules, e.g. {peft[-1]!r}): vhack trains dS "
+            "of the base weights in place of LoRA and does not combine with PEFT; wrap the base "
+            "model instead (before get_peft_model, or peft_model.merge_and_unload())"
+        )
     chosen = _resolve_targets(model, targets)
     for name, lin in chosen:
         if lin.weight.dtype not in SUPPORTED_DTYPES:
@@ -680,7 +818,9 @@ def wrap(
     offset = 0
     for (name, lin), (U, S, Vh) in zip(chosen, factors, strict=True):
         span = (offset, offset + S.numel())
-        modules[name] = SVDLinear(lin, U, S, Vh, store, span, owns_store=not modules)
+        modules[name] = SVDLinear(
+            lin, U, S, Vh, store, span, owns_store=not modules, name=name, svd_cache=cache
+        )
         offset += S.numel()
     requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
     for param in model.parameters():

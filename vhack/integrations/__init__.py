@@ -1,7 +1,8 @@
 """Drop-in use of the projector in existing trainers and under data parallelism.
 
 - `VHackCallback`: a transformers TrainerCallback (Trainer, TRL trainers) that projects once per
-  optimizer step and logs cin.
+  optimizer step and logs cin; its trainer's checkpoints and save_model hold the adapter files
+  (`vhack.integrations.checkpoints`).
 - `ShardedProjector`, `all_reduce_grad`: the projection when dS is sharded or replicated across
   processes (torch.distributed: DDP, FSDP2).
 - `merged_named_parameters`, `merged_state_dict`, `patch_vllm_sync`: merged dense weights under

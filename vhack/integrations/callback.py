@@ -41,6 +41,13 @@ same model as the KL reference, no second model). With use_vllm=True the callbac
 weight sync send the merged dense weights under the base model's names (see
 `vhack.integrations.weights`).
 
+Saving: at on_init_end (and on_train_begin) the callback makes its trainer's `save_model`,
+checkpoints and `push_to_hub` write the adapter files (adapter_config.json +
+adapter_model.safetensors, dS only) instead of the base model under vhack's internal names, and
+`train(resume_from_checkpoint=...)` load them; see `vhack.integrations.checkpoints`. It also
+refuses, before TRL gets there, a PEFT-modified model and GRPOConfig(beta > 0) on a model TRL
+cannot reload as its reference.
+
 Not supported: DeepSpeed (the optimizer step runs inside backward, so no hook ever sees the
 gradient; a clear error is raised) and FSDP through the Trainer (the packed dS would be sharded by
 accelerate; use vhack.integrations.distributed in your own loop).
@@ -57,7 +64,10 @@ import torch
 from transformers import TrainerCallback
 
 import vhack
+from vhack.adapter import peft_modules
 from vhack.errors import UsageError
+from vhack.integrations.checkpoints import install_adapter_checkpoints
+from vhack.integrations.reference_model import check_reference_source
 from vhack.projstats import METRIC_PREFIX, ProjStatsWindow
 
 __all__ = ["METRIC_PREFIX", "VHackCallback"]
@@ -82,6 +92,16 @@ def _fsdp_in_use(args) -> bool:
     if getattr(args, "fsdp", None):
         return True
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def _refuse_peft(model) -> None:
+    peft = peft_modules(model) if model is not None else []
+    if peft:
+        raise UsageError(
+            f"the Trainer's model has PEFT modules (e.g. {peft[-1]!r}): PEFT on a vhack-wrapped "
+            "model is not supported (dS replaces LoRA, and PEFT freezes dS); pass the wrapped "
+            "model without peft_config / get_peft_model"
+        )
 
 
 def _find_trainer(callback):
@@ -217,7 +237,21 @@ class VHackCallback(TrainerCallback):
         setattr(self, attr, state.global_step)
 
     # ---- events ----------------------------------------------------------------------------------
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        _refuse_peft(model)
+        check_reference_source(args, model)  # TRL builds its reference right after this event
+        self._install_checkpoints(_find_trainer(self))
+        return control
+
+    def _install_checkpoints(self, trainer) -> None:
+        """Checkpoints and save_model of this trainer write the adapter files (see
+        vhack.integrations.checkpoints)."""
+        adapter = self.projector.adapter
+        if trainer is not None and any(p is adapter.delta for p in trainer.model.parameters()):
+            install_adapter_checkpoints(trainer, adapter)
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        _refuse_peft(model)
         self._check_setup(args, model, optimizer)
         self._window = ProjStatsWindow()
         self.steps = 0
@@ -225,6 +259,7 @@ class VHackCallback(TrainerCallback):
         trainer = _find_trainer(self)
         if trainer is not None:
             self._check_single(trainer)
+            self._install_checkpoints(trainer)  # a callback added after __init__
             if self.log_metrics:
                 self._install_log(trainer)
             vllm = getattr(trainer, "vllm_generation", None)

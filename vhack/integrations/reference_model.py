@@ -12,14 +12,20 @@ the trainer with beta = 0 and switch the KL on afterwards:
     use_zero_delta_reference(trainer, adapter, beta=0.04)
 
 (Passing a saved checkpoint as model.config._name_or_path also works, at the cost of that copy.)
+`VHackCallback` refuses GRPOConfig(beta > 0) on a wrapped model whose `_name_or_path` TRL cannot
+load (an in-memory model: TRL would fail with "Repo id must use alphanumeric chars") before TRL
+tries, pointing here.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
 
 import vhack
+from vhack.errors import UsageError
 
 __all__ = ["ZeroDeltaReference", "use_zero_delta_reference", "zero_delta"]
 
@@ -77,3 +83,40 @@ def use_zero_delta_reference(trainer, adapter: vhack.Adapter, beta: float) -> Ze
     trainer.ref_model = reference
     trainer.beta = float(beta)
     return reference
+
+
+def _loadable(name_or_path: str) -> bool:
+    """Whether from_pretrained(name_or_path) can be tried: a local directory or a valid Hub id."""
+    if not name_or_path:
+        return False
+    if os.path.isdir(name_or_path):
+        return True
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(name_or_path)
+    except Exception:
+        return False
+    return True
+
+
+def check_reference_source(args, model) -> None:
+    """UsageError when TRL's GRPOTrainer with args.beta > 0 would build its reference model by
+    `from_pretrained(model.config._name_or_path)` and that name cannot be loaded (a model built
+    or modified in memory). Called by VHackCallback at on_init_end, before TRL tries."""
+    if not any(cls.__name__ == "GRPOConfig" for cls in type(args).__mro__):
+        return  # other trainers' beta means something else (DPO: a temperature)
+    beta = getattr(args, "beta", None)
+    if not isinstance(beta, (int, float)) or beta <= 0 or model is None:
+        return
+    name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if _loadable(name):
+        return  # TRL loads a second copy of the base model from there: correct, costs memory
+    raise UsageError(
+        f"{type(args).__name__}(beta={beta}) makes TRL load a reference model with "
+        f"from_pretrained(model.config._name_or_path={name!r}), which this in-memory model "
+        "cannot give (TRL would fail with 'Repo id must use alphanumeric chars'); build the "
+        "trainer with beta=0.0 and call vhack.integrations.use_zero_delta_reference(trainer, "
+        f"adapter, beta={beta}): the dS = 0 state of the same model is the exact reference, with "
+        "no second model in memory"
+    )

@@ -6,7 +6,9 @@ architecture needs `<module>.weight = W + U diag(dS) Vh` instead, under the name
 model has. `merged_named_parameters` yields exactly the dense model's `named_parameters()` (names,
 order, values), one merged weight at a time; `merged_state_dict` gives the dense model's full
 `state_dict()`. `patch_vllm_sync` makes TRL's vLLM weight sync (server and colocate mode) send
-them (`VHackCallback` calls it when the trainer has use_vllm=True).
+them (`VHackCallback` calls it when the trainer has use_vllm=True); it refuses a TRL whose sync
+does not go through the method it replaces (SUPPORTED_TRL). To keep or serve the merged model
+after training, `adapter.save_merged(dir)` writes it as a Hugging Face model directory.
 """
 
 from __future__ import annotations
@@ -16,8 +18,14 @@ from collections.abc import Iterator
 import torch
 
 import vhack
+from vhack.errors import UsageError
 
-__all__ = ["merged_named_parameters", "merged_state_dict", "patch_vllm_sync"]
+__all__ = ["SUPPORTED_TRL", "merged_named_parameters", "merged_state_dict", "patch_vllm_sync"]
+
+# TRL versions whose VLLMGeneration.sync_weights streams `_iter_named_params()` (server and
+# colocate mode): 1.11 introduced it (1.0 to 1.10 iterate model.named_parameters() inline, so the
+# patch would be ignored); checked on 1.11, 1.12, 1.14.2, 1.15 and 1.16, tested on 1.16.
+SUPPORTED_TRL = ">=1.11 (tested with 1.16)"
 
 
 def _renames(adapter: vhack.Adapter) -> tuple[dict[str, str], set[str]]:
@@ -64,6 +72,7 @@ def patch_vllm_sync(vllm_generation, adapter: vhack.Adapter) -> None:
     `merged_named_parameters(adapter)`. FSDP/DeepSpeed-sharded syncs are not covered (the
     callback refuses those setups).
     """
+    _check_sync_path(vllm_generation)
     model = getattr(vllm_generation, "model", None)
     if model is not adapter.model:
         raise ValueError(
@@ -78,3 +87,43 @@ def patch_vllm_sync(vllm_generation, adapter: vhack.Adapter) -> None:
 
     vllm_generation._iter_named_params = iter_named_params
     vllm_generation._weight_metadata = None  # recollected under the new names
+
+
+def _trl_version() -> str:
+    try:
+        import trl
+
+        return trl.__version__
+    except ImportError:  # pragma: no cover - a stand-in generator without TRL
+        return "not installed"
+
+
+def _check_sync_path(vllm_generation) -> None:
+    """UsageError unless TRL's weight sync goes through the `_iter_named_params` this patch
+    replaces: the method exists, `sync_weights` (where defined) reads it, and vLLM does not share
+    the model's weights directly (a colocate `share_weights` path would bypass the sync)."""
+    cls = type(vllm_generation)
+    where = f"{cls.__module__}.{cls.__qualname__}"
+    supported = (
+        f"vhack's vLLM weight sync supports TRL {SUPPORTED_TRL}; this is TRL {_trl_version()}"
+    )
+    if not callable(getattr(cls, "_iter_named_params", None)):
+        raise UsageError(
+            f"{where} has no _iter_named_params, the method vhack replaces to send merged weights "
+            f"to vLLM (without it vLLM would get the wrapped model's internal names): {supported}"
+        )
+    sync = getattr(cls, "sync_weights", None)
+    code = getattr(sync, "__code__", None)
+    if code is not None and "_iter_named_params" not in code.co_names:
+        raise UsageError(
+            f"{where}.sync_weights does not read _iter_named_params, so vhack's merged weights "
+            f"would never reach vLLM: {supported}"
+        )
+    for owner in (vllm_generation, getattr(vllm_generation, "args", None)):
+        for attr in ("share_weights", "vllm_share_weights"):
+            if getattr(owner, attr, False) is True:
+                raise UsageError(
+                    f"TRL's vLLM colocate mode with {attr}=True reads the model's own weights, "
+                    "bypassing the sync that sends vhack's merged weights; turn it off (vLLM then "
+                    f"receives W + U diag(dS) Vh at every sync): {supported}"
+                )

@@ -2,8 +2,8 @@
 
 `probe()` reports which isolation this machine gives; `Sandbox` refuses to run with less than it
 is told to require, runs each program in a fresh sandbox with resource limits and returns a
-`RunResult` (status, exit code, capped stdout/stderr, wall time, reason); `Sandbox.run_many` runs
-many in parallel.
+`RunResult` (status, real exit code, capped stdout/stderr and harness channel, wall time,
+reason); `Sandbox.run_many` runs many in parallel.
 """
 
 from vhack.sandbox.launch import STATUSES, Limits, RunResult

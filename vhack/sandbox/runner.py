@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import queue
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -11,10 +12,9 @@ from dataclasses import dataclass, field
 from vhack.errors import UsageError
 from vhack.sandbox.launch import Limits, RunResult, launch
 from vhack.sandbox.probe import LEVELS, IsolationReport, probe
+from vhack.sandbox.uids import UID_BASE, UID_COUNT, lease_uid
 
-__all__ = ["IsolationUnavailable", "Job", "Sandbox"]
-
-UID_BASE = 1_990_000_000  # programs run as UID_BASE + slot when the sandbox runs as root
+__all__ = ["UID_BASE", "UID_COUNT", "IsolationUnavailable", "Job", "Sandbox"]
 
 
 class IsolationUnavailable(UsageError):
@@ -39,6 +39,8 @@ class Sandbox:
     is used. Raises IsolationUnavailable at construction when the probe found less than required.
     limits: default Limits of each run. workers: concurrent runs (default: CPU count).
     hide: host paths masked inside the sandbox (e.g. files holding hidden tests).
+    As root, each running program gets its own unprivileged uid, leased host-wide (see
+    `vhack.sandbox.uids`), so graders on one machine never share a uid's process limit.
     """
 
     def __init__(
@@ -56,8 +58,8 @@ class Sandbox:
             raise IsolationUnavailable(
                 f"sandbox needs {required!r} isolation but this machine gives "
                 f"{self.report.level!r} ({'; '.join(self.report.notes) or 'no details'}); "
-                "enable unprivileged user namespaces and install util-linux `unshare` (or run "
-                "as root), or pass required='process' only for code you trust"
+                "enable unprivileged user namespaces (or run as root) on x86_64 or aarch64 with "
+                "seccomp, or pass required='process' only for code you trust"
             )
         self.required = required
         self.mode = self.report.level
@@ -66,9 +68,7 @@ class Sandbox:
         if self.workers < 1:
             raise UsageError(f"workers must be >= 1, got {workers}")
         self.hide = [os.path.realpath(h) for h in hide]
-        self._uids: queue.Queue[int] = queue.Queue()
-        for slot in range(self.workers):
-            self._uids.put(UID_BASE + slot)
+        self._slots = threading.BoundedSemaphore(self.workers)
         self._pool: ThreadPoolExecutor | None = None
 
     def run(
@@ -79,8 +79,8 @@ class Sandbox:
         limits: Limits | None = None,
     ) -> RunResult:
         """Run one program; blocks while `workers` others are running."""
-        uid = self._uids.get()
-        try:
+        uids = lease_uid() if os.geteuid() == 0 else contextlib.nullcontext()
+        with self._slots, uids as uid:
             return launch(
                 program,
                 mode=self.mode,
@@ -89,11 +89,9 @@ class Sandbox:
                 limits=limits or self.limits,
                 uid=uid,
                 hide=self.hide,
-                unshare=self.report.unshare,
-                seccomp=self.report.seccomp and self.mode == "namespaces",
+                seccomp=self.mode == "namespaces",
+                use_cgroups=self.report.cgroup != "none",
             )
-        finally:
-            self._uids.put(uid)
 
     def run_many(self, jobs: Sequence[Job]) -> list[RunResult]:
         """Run jobs in parallel (up to `workers` at once); results in the order of `jobs`."""
