@@ -8,6 +8,8 @@ One run times, per shape (d_in -> d_out, bf16, T tokens), on the same inputs:
   fused fwd / train  vhack.ops.svd_linear without a weight: the factored kernels (forward GEMMs
                      with fused scale/bias; backward: one dS kernel that also stores g_h, one dX GEMM)
   eager fwd / train  the research code's eager factored path ((x Vh^T) * (S + dS)) U^T in autograd
+  compiled fwd/train torch.compile of that eager path (--no-compile skips it; its compilation is
+                     in the untimed warmup)
   merge              ops.merge_weight(U, S, dS, Vh, base=W): once per optimizer step
   dS batch / per-seg ops.delta_grad without / with segment ids (8 contiguous segments)
   decode T=1..64     generation forward (no grad): dense, merged (adapter.merged()), fused, eager
@@ -96,12 +98,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny shapes and few reps: seconds")
     p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="skip torch.compile of the eager path (its compilation takes seconds per shape)",
+    )
+    p.add_argument(
+        "--compile-backend",
+        default=None,
+        help="torch.compile backend (default inductor; eager with --smoke: the wiring only)",
+    )
     args = p.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
     if args.tokens is None:
         args.tokens = 64 if args.smoke else (4096 if cuda else 256)
     if args.reps is None:
         args.reps = 2 if args.smoke else (20 if cuda else 7)
+    if args.compile_backend is None:
+        args.compile_backend = "eager" if args.smoke else "inductor"
     if args.inner is None:
         args.inner = 10 if cuda else 1
     bad = [n for n in args.tokens_per_step if n < args.tokens]
@@ -170,6 +185,14 @@ class Case:
     def eager_train(self):
         return lambda: torch.autograd.grad(self._eager(self.x, self.dS), (self.x, self.dS), self.gy)
 
+    def compiled_fwd(self):
+        return lambda: self._compiled(self.x, self.dS)
+
+    def compiled_train(self):
+        return lambda: torch.autograd.grad(
+            self._compiled(self.x, self.dS), (self.x, self.dS), self.gy
+        )
+
     def merge(self):
         s = self.svd
         return lambda: ops.merge_weight(s.U, s.S, s.delta_S.detach(), s.Vh, base=s.base_weight)
@@ -197,6 +220,20 @@ class Case:
             "fused": lambda: self._fused(x, dS),
             "eager": lambda: self._eager(x, dS),
         }[provider]
+
+
+def compiled_providers(case: Case, backend: str) -> dict:
+    """compiled_fwd and compiled_train (torch.compile of the eager path), compiled here by one
+    call each; {} with a note when torch.compile cannot run on this machine."""
+    case._compiled = torch.compile(case._eager, backend=backend)
+    fns = {"compiled_fwd": case.compiled_fwd(), "compiled_train": case.compiled_train()}
+    try:
+        for fn in fns.values():
+            fn()
+    except Exception as err:  # no C++ compiler, an unsupported device, ...
+        print(f"torch.compile of the eager path does not run here, skipped: {err}"[:300])
+        return {}
+    return fns
 
 
 def amortised(times: dict, tokens: int, tokens_per_step: list[int]) -> list[dict]:
@@ -270,8 +307,10 @@ def run(args) -> tuple[list[dict], dict]:
             shape = f"{d_in}->{d_out}"
             base = dict(shape=shape, d_in=d_in, d_out=d_out, r=case.r, tokens=args.tokens)
             fns = {name: getattr(case, name)() for name in providers}
+            if args.compile:
+                fns.update(compiled_providers(case, args.compile_backend))
             times = time_all(fns)
-            for name in providers:
+            for name in fns:
                 if name.endswith("_train"):
                     times[name]["peak_mb"] = common.peak_memory_mb(fns[name], device)
             bar.update()
@@ -307,6 +346,15 @@ def run(args) -> tuple[list[dict], dict]:
                 / times["svd_train"]["median_ms"],
                 "fused_train_ratio": times["fused_train"]["median_ms"] / dense_train,
                 "eager_fwd_ratio": times["eager_fwd"]["median_ms"] / dense_fwd,
+                # torch.compile of the eager path over SVDLinear (None: not compiled)
+                "compiled_speedup": times["compiled_train"]["median_ms"]
+                / times["svd_train"]["median_ms"]
+                if "compiled_train" in times
+                else None,
+                "compiled_fwd_speedup": times["compiled_fwd"]["median_ms"]
+                / times["svd_fwd"]["median_ms"]
+                if "compiled_fwd" in times
+                else None,
                 "decode_ratio": max(decode_ratios),
                 "segment_ratio": times["ds_segments"]["median_ms"] / times["ds_batch"]["median_ms"],
                 "merge_ms": times["merge"]["median_ms"],
@@ -387,6 +435,7 @@ def print_report(args, summary: dict, env: dict) -> list[str]:
             "fwd_ratio",
             "train_ratio",
             "eager_speedup",
+            "compiled_speedup",
             "fused_train_ratio",
             "decode_ratio",
             "segment_ratio",
@@ -506,7 +555,8 @@ def main(argv=None) -> int:
         f"T={args.tokens}, {args.dtype}, reps={args.reps} x {args.inner} calls; fused providers ran the "
         f"{summary['_model']['backend']!r} backend. svd fwd/train ratios use the cached merge; "
         f"'amortised' adds merge_ms * T / S at S = {args.tokens_per_step} tokens per optimizer "
-        "step; eager = the research code's factored path. Operands are timed warm (no cache "
+        "step; eager = the research code's factored path, compiled = its torch.compile ("
+        f"{args.compile_backend if args.compile else 'skipped: --no-compile'}). Operands are timed warm (no cache "
         "flush): decode rows read weights that may sit in cache."
     )
     if device.type == "cpu":

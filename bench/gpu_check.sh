@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check for a lent machine (under 8 minutes): the kernel tests at real Qwen3-4B shapes on
-# CUDA, the three benchmarks, then the whole kernel test suite on CUDA tensors (VHACK_TEST_CUDA=1)
-# in the time left. Writes everything under $OUT/gpu_check-<UTC time>/ when OUT is
+# CUDA, the three benchmarks (vhack bench), then the whole kernel test suite on CUDA tensors
+# (VHACK_TEST_CUDA=1) in the time left. Writes everything under $OUT/gpu_check-<UTC time>/ when OUT is
 # set, else bench/results/gpu_check-<UTC time>/: env.json (device, driver, versions, date, commit),
 # one log per step, pytest junit XML, the benchmarks' JSON and plots, and summary.txt (status and
 # seconds per step). Every step has its own time limit and the whole run a deadline, so a hung step
@@ -96,13 +96,16 @@ KERNEL_TESTS=(tests/test_project_kernels.py tests/test_svd_linear_kernels.py
   tests/test_svd_linear_training.py tests/test_projector.py)
 step tests_qwen3_4b_shapes 90 env VHACK_TEST_CUDA=1 "$PY" -m pytest "${REAL_SHAPE_TESTS[@]}" -q \
   -p no:cacheprovider --junitxml="$RESULTS/tests_qwen3_4b_shapes.xml"
-# benchmarks print PASS/MISS against their targets and never assert. bench_project: k = 12 only
-# (its CUDA target; each k costs two torch.compile runs of a 252-module loop).
-step bench_project 130 "$PY" bench/bench_project.py --device cuda --ks 12 --reps 10 \
+# The benchmarks, through `vhack bench` (one per step, so each keeps its own time limit): each
+# writes its JSON and plot, and a summary bench-<name>-<device>-<date>.json/.png with the ratios,
+# the load and the comparison with bench/results. They print PASS/MISS against their targets and
+# never assert. project: k = 12 only (its CUDA target; each k costs two torch.compile runs of a
+# 252-module loop). svd_linear: --no-compile (the compiled eager path is for a full run).
+step bench_project 130 "$PY" -m vhack.cli bench --only project --device cuda --ks 12 --reps 10 \
   --out-dir "$RESULTS"
-step bench_svd_linear 90 "$PY" bench/bench_svd_linear.py --device cuda --reps 10 \
-  --out-dir "$RESULTS"
-step bench_extract 40 "$PY" bench/bench_extract.py --device cuda --model tiny --reps 3 \
+step bench_svd_linear 90 "$PY" -m vhack.cli bench --only svd_linear --device cuda --reps 10 \
+  --no-compile --out-dir "$RESULTS"
+step bench_extract 40 "$PY" -m vhack.cli bench --only extract --device cuda --reps 3 \
   --out-dir "$RESULTS"
 step tests_kernels 150 env VHACK_TEST_CUDA=1 "$PY" -m pytest "${KERNEL_TESTS[@]}" -q \
   -m "not slow" -p no:cacheprovider --junitxml="$RESULTS/tests_kernels.xml"

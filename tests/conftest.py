@@ -32,6 +32,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A CLI command run in-process sets torch's CPU threads (vhack.threads); the next test starts
+    from the suite's setting again."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def pytest_configure(config):
     if CUDA_TESTS and not config.option.collectonly and not torch.cuda.is_available():
         raise pytest.UsageError(

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import vhack
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -41,4 +43,24 @@ def test_bench_project_smoke(tmp_path):
         assert row["cold_over_warm"] == pytest.approx(row["net_ms"] / row["warm_ms"])
         assert row["net_ms"] == pytest.approx(row["median_ms"])
     assert "cache flush: 8 MB" in result.stdout and "cache flush: 8 MB" in data["notes"]
+    # the floor is measured in the same run (a streaming pass over the same bytes), and so is the
+    # load the machine was under
+    assert all(row["stream_floor_ms"] > 0 and row["floor_bw_ms"] > 0 for row in data["rows"])
+    assert len(data["load"]["start"]) == 3 and len(data["load"]["end"]) == 3
+    if vhack.ops.backends()["cpp"]:
+        # headline ratios: eager loop, cpp and floor timed in interleaved rounds, per k
+        assert sorted(r["k"] for r in data["ratios"]) == [5, 12]
+        for rat in data["ratios"]:
+            assert rat["provider"] == "cpp" and len(rat["rounds"]) == 2
+            for rnd in rat["rounds"]:
+                assert rnd["x_eager"] == pytest.approx(rnd["eager loop"] / rnd["cpp"])
+                floors = [v for name, v in rnd.items() if name.startswith("floor (")]
+                assert "floor (all threads)" in rnd and rnd["floor_ms"] == min(floors)
+                assert rnd["x_floor"] == pytest.approx(rnd["cpp"] / rnd["floor_ms"])
+                assert len(rnd["load_before"]) == 3
+            lo, mid, hi = (rat["x_eager"][key] for key in ("min", "median", "max"))
+            assert lo <= mid <= hi
+        verdict_lines = [line for line in result.stdout.splitlines() if "the eager loop" in line]
+        assert len(verdict_lines) == 2 and all("rounds" in line for line in verdict_lines)
+        assert sum("streaming floor" in line for line in result.stdout.splitlines()) == 2
     assert any(line.startswith(("PASS", "MISS", "INFO")) for line in result.stdout.splitlines())

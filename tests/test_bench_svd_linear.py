@@ -30,10 +30,11 @@ def test_bench_svd_linear_smoke(tmp_path):
     assert data["env"]["device_type"] == "cpu"
     providers = {r["provider"] for r in data["rows"] if r.get("phase") != "summary"}
     assert {"dense_fwd", "dense_train", "svd_fwd", "svd_train", "eager_train", "merge",
-            "ds_batch", "ds_segments", "merged"} <= providers  # fmt: skip
+            "ds_batch", "ds_segments", "merged", "compiled_fwd", "compiled_train"} <= providers  # fmt: skip
     summary = data["rows"][-1]["summary"]
     for shape in ("48->80", "80->48"):
         assert summary[shape]["fwd_ratio"] > 0 and summary[shape]["segment_ratio"] > 0
+        assert summary[shape]["compiled_speedup"] > 0  # torch.compile of the eager path
 
     # The per-step merge, amortised at the stated tokens per step, beside the cached ratios:
     # recomputed here from the stored per-provider medians.

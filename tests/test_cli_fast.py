@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "triton")
-COMMANDS = ("demo", "example", "extract", "info", "train", "validate")
+COMMANDS = ("bench", "demo", "example", "extract", "info", "train", "validate")
 
 
 def _python(code: str, *args: str) -> subprocess.CompletedProcess:

@@ -21,12 +21,17 @@ from vhack.grpo.warmstart import toy_model
     "fields, message",
     [
         ({"arm": "sideways"}, "unknown arm 'sideways'"),
-        ({"num_generations": 1}, "num_generations must be an integer >= 2"),
-        ({"steps": 0}, "steps must be an integer >= 1"),
+        ({"num_generations": 1}, r"num_generations \(--group-size\) must be an integer >= 2"),
+        ({"steps": 0}, r"steps \(--steps\) must be an integer >= 1"),
         ({"num_iterations": 0}, "num_iterations"),
         ({"k": 7, "top_k": 6}, "k=7"),
-        ({"lr": 0.0}, "lr must be > 0"),
-        ({"beta": -1.0}, "beta must be >= 0"),
+        ({"lr": 0.0}, r"lr \(--lr\) must be a finite number > 0"),
+        ({"lr": float("inf")}, r"lr \(--lr\) must be a finite number > 0, got inf"),
+        ({"temperature": float("inf")}, r"temperature \(--temperature\) must be a finite"),
+        ({"beta": -1.0}, r"beta \(--beta\) must be a finite number >= 0"),
+        ({"beta": float("nan")}, "beta"),
+        ({"max_grad_norm": float("inf")}, r"max_grad_norm \(--max-grad-norm\)"),
+        ({"kl_clamp": float("inf")}, "kl_clamp must be a finite number > 0"),
         ({"top_p": 0.0}, "top_p"),
         ({"scale_rewards": "batch"}, "scale_rewards"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
@@ -70,7 +75,7 @@ def test_train_cli_bad_names(capsys, tmp_path):
     assert "unknown environment 'nope'" in one_line_error(
         capsys, ["train", "--env", "nope", "--out", out]
     )
-    assert "num_generations must be" in one_line_error(
+    assert "num_generations (--group-size) must be" in one_line_error(
         capsys, ["train", "--group-size", "1", "--out", out]
     )
     assert "no such file" in one_line_error(
@@ -151,3 +156,21 @@ def test_train_cli_runs_checkpoints_and_resumes(capsys, tmp_path):
         "checkpoint-0000002",
         "checkpoint-0000003",
     ]
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"marker_reward": float("nan")}, r"marker_reward \(--marker-reward\) must be a finite"),
+        ({"marker_reward": float("inf")}, "marker_reward"),
+        ({"warm_lr": float("inf")}, "warm_lr must be a finite number > 0"),
+        ({"lr": float("inf")}, r"lr \(--lr\) must be a finite"),
+        ({"steps": 0}, "steps must be >= 1"),
+    ],
+)
+def test_demo_settings_are_checked_when_made(fields, message):
+    """The Python API gets the CLI's checks: DemoSettings refuses bad values when constructed."""
+    from vhack.grpo.demo_settings import DemoSettings
+
+    with pytest.raises(UsageError, match=message):
+        DemoSettings(**fields)

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
         "vhack.cache",
         "vhack.extract_config",
         "vhack.files",
+        "vhack.threads",
         "vhack.data",
         "vhack.kernels",
         "vhack.ops.modes",  # the projection modes: what the oracle and every backend check

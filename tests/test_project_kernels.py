@@ -162,6 +162,23 @@ def test_large_ragged_set_float64_and_fp16(backend):
             check_against_reference(ours, stats, ref, ref_stats, offsets, dtype)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("mode", MODES)
+def test_more_rows_than_one_pass(backend, mode):
+    """k = 13 and 20 (more than the 12 rows the C++ op takes per pass over g, and than the 16 it
+    prefetches for the next module) beside k = 12 and 1, r = 2563 and 700 (not multiples of the
+    16-float step), in every mode (both/reverse move g along every row: several apply passes),
+    fp32 and bf16, with and without preserve_magnitude."""
+    if backend == "cpp" and not CPP_BUILT:
+        pytest.skip("vhack._C was not built")
+    rs, ks = [2563, 700, 2560, 33], [20, 13, 12, 1]
+    for dtype in (torch.float32, torch.bfloat16):
+        for preserve in (False, True):
+            tensors = make_set(rs, ks, dtype=dtype, seed=11, device=device_for(backend))
+            ours, stats, ref, ref_stats = run_both(backend, *tensors, mode, 0.8, preserve)
+            check_against_reference(ours, stats, ref, ref_stats, tensors[1], dtype)
+
+
 @pytest.mark.parametrize("backend", ALL)
 def test_properties(backend):
     """Idempotent; V g' = 0 ("both"); relu(V g') = 0 ("hackward"); |g'| <= |g|; zero gradient:

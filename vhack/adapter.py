@@ -494,7 +494,8 @@ class Adapter:
         return {name: mod.delta_S.detach().clone() for name, mod in self.modules.items()}
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load dS by module name. Every name and shape is checked before anything is written."""
+        """Load dS by module name. Every name, shape and value (finite) is checked before anything
+        is written: a bad state dict raises ValueError and leaves dS as it was."""
         self._check_attached()
         missing = [n for n in self.modules if n not in state_dict]
         unexpected = [n for n in state_dict if n not in self.modules]
@@ -511,6 +512,13 @@ class Adapter:
         if wrong:
             expected = {n: (self.modules[n].rank,) for n in wrong}
             raise ValueError(f"wrong dS shapes: got {wrong}, expected {expected}")
+        nonfinite = [n for n, t in state_dict.items() if not bool(torch.isfinite(t).all())]
+        if nonfinite:
+            raise ValueError(
+                f"dS holds NaN/inf values for {len(nonfinite)} module(s): {nonfinite[:4]}"
+                f"{' ...' if len(nonfinite) > 4 else ''}; the adapter is unchanged (was the "
+                "state saved from a diverged run?)"
+            )
         with torch.no_grad():
             for name, mod in self.modules.items():
                 mod.delta_S.copy_(state_dict[name].to(torch.float32))

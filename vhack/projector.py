@@ -27,6 +27,7 @@ part and remove the rest.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Mapping
 
@@ -38,7 +39,15 @@ from vhack.basis import SV_PREFIX, HackBasis, check_compatible, fingerprint_mism
 from vhack.ops.modes import check_mode
 from vhack.projstats import ONE_SIDED_MODES, ProjStats, cin, cin_mean
 
-__all__ = ["ORTHONORMAL_TOL", "ProjStats", "Projector", "as_hack_basis", "cin", "cin_mean"]
+__all__ = [
+    "ORTHONORMAL_TOL",
+    "ProjStats",
+    "Projector",
+    "as_hack_basis",
+    "check_basis_rows",
+    "cin",
+    "cin_mean",
+]
 
 # Basis rows must satisfy max |V V^T - I| <= ORTHONORMAL_TOL (all-zero rows are exempt: extraction
 # zeroes weak axes with tau_axis). float32 SVD output is orthonormal to ~1e-6.
@@ -107,6 +116,11 @@ class Projector:
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
             raise TypeError(f"alpha must be a Python number, got {type(alpha).__name__}")
+        if not (math.isfinite(alpha) and alpha >= 0):
+            raise ValueError(
+                f"alpha must be a finite number >= 0 (the overshoot factor; 1 removes the "
+                f"hack-ward component exactly), got {alpha!r}"
+            )
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
             raise ValueError(f"k must be None or an int >= 0, got {k!r}")
         hack_basis, declared = _convert(basis)
@@ -341,6 +355,13 @@ class Projector:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
         if self._hooks:
             raise RuntimeError("this Projector is already attached; call detach() first")
+        other = getattr(optimizer, "_vhack_projector", None)
+        if other is not None and other is not self and other.attached:
+            raise RuntimeError(
+                "another Projector is already attached to this optimizer (two would project "
+                "twice and mix their statistics); detach() it first, or project with one "
+                "Projector whose basis covers both"
+            )
         delta = self.adapter.delta
         if not any(p is delta for group in optimizer.param_groups for p in group["params"]):
             raise ValueError(
@@ -367,6 +388,7 @@ class Projector:
         self._hooks = [optimizer.register_step_pre_hook(pre)]
         if self.where == "update":
             self._hooks.append(optimizer.register_step_post_hook(post))
+        optimizer._vhack_projector = self  # what the next attach() to this optimizer checks
         return self
 
     def detach(self) -> None:
@@ -532,6 +554,15 @@ def _check_coverage(
             stacklevel=3,
         )
     return uncovered
+
+
+def check_basis_rows(
+    basis: HackBasis, k: int | None = None, orthonormal_tol: float = ORTHONORMAL_TOL
+) -> HackBasis:
+    """The checks a Projector applies to a basis (ValueError naming the modules): k <= the rows
+    stored, every row finite, rows orthonormal within orthonormal_tol (all-zero rows are legal).
+    Returns the basis sliced to k rows (all for None). `vhack.validate` applies them too."""
+    return _checked_rows(basis, k, orthonormal_tol)
 
 
 def _checked_rows(basis: HackBasis, k: int | None, tol: float) -> HackBasis:

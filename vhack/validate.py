@@ -42,9 +42,10 @@ from vhack.extract import (
     pair_differences,
 )
 from vhack.extract_config import EXTRACT_TOP_K
+from vhack.files import atomic_path, atomic_write_text, regular_file
 from vhack.packing import offsets_from_sizes
 from vhack.pairs import Pair, normalize_prompt, pairset_hash
-from vhack.projector import cin_mean
+from vhack.projector import check_basis_rows, cin_mean
 
 __all__ = [
     "STATISTICS",
@@ -360,7 +361,7 @@ def load_samples(path: str | os.PathLike) -> list[tuple[object, str, str]]:
     """Labelled samples for tests 1 and 4 from JSONL: {"prompt", "completion", "label"} per line
     (prompt as in `vhack.Pair`; label e.g. "hack" / "clean"). Returns (prompt, completion, label).
     """
-    path = Path(path)
+    path = regular_file(path, "samples file")  # a FIFO would block the read forever
     samples = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -415,6 +416,8 @@ def validate(
     held-out pairs' differences (the training pairs' when n_heldout = 0, flagged "in_sample").
     """
     check_extract_args(pairs, top_k, tau_axis, n_heldout)
+    if basis is not None:
+        check_basis_rows(basis)  # what a Projector would refuse is not scored either
     n_train = len(pairs) - n_heldout
     D = pair_differences(
         adapter, tokenizer, pairs, method=method, batch_size=batch_size, progress=progress
@@ -573,7 +576,7 @@ def _plot(report: dict, path: Path) -> None:
     ax.hist(list(b["principal_cos"].values()), bins=20, range=(0, 1), color="tab:purple")
     ax.set_title("5. bootstrap principal cos per module")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # path may be a temp name
     plt.close(fig)
 
 
@@ -582,7 +585,8 @@ def write_report(report: dict, out_dir: str | os.PathLike, name: str = "validati
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {ext: out / f"{name}.{ext}" for ext in ("json", "md", "png")}
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
-    paths["md"].write_text(_markdown(report))
-    _plot(report, paths["png"])
+    atomic_write_text(paths["json"], json.dumps(report, indent=2) + "\n")
+    atomic_write_text(paths["md"], _markdown(report))
+    with atomic_path(paths["png"]) as tmp:
+        _plot(report, tmp)
     return paths

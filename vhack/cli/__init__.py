@@ -1,7 +1,7 @@
 """The `vhack` command line. `vhack --help` lists the subcommands.
 
-One module per subcommand in this package (demo.py, example.py, extract.py, info.py, train.py,
-validate.py); the module's name is the command's. Every option is generated from a config
+One module per subcommand in this package (bench.py, demo.py, example.py, extract.py, info.py,
+train.py, validate.py); the module's name is the command's. Every option is generated from a config
 dataclass field (see `_options.add_options`): its default is written once, in the dataclass,
 and `--help` shows it.
 

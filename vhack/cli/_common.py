@@ -12,9 +12,11 @@ from pathlib import Path
 
 from vhack.errors import UsageError
 from vhack.extract_config import EXTRACT_TOP_K
+from vhack.threads import SMALL_MODEL_PARAMS, ThreadChoice, choose_threads, is_small_model
 
 DTYPES = ("bfloat16", "float16", "float32")  # --dtype: names of torch dtypes
 HUB_TIMEOUT_S = 10.0  # one metadata request to the hub before a download is attempted
+TINY_MODELS = ("tiny", "toy")  # --model names of the embedded tiny model (about 0.1 M parameters)
 
 
 @dataclass
@@ -40,6 +42,33 @@ class ModelOptions:
         },
     )
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+    threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "torch CPU threads (default: 1 for a model under "
+            f"{SMALL_MODEL_PARAMS // 10**6} M parameters, else the cores this process may use; "
+            "OMP_NUM_THREADS or MKL_NUM_THREADS, when set, is kept)"
+        },
+    )
+
+
+def apply_threads(args: argparse.Namespace, model=None) -> ThreadChoice:
+    """Set torch's CPU threads for this command (vhack.threads): --threads, else the environment's
+    OMP_NUM_THREADS / MKL_NUM_THREADS, else by the model's size. Call it before loading (model
+    None: the tiny models are known to be small, any other model gets the cores) and again with
+    the loaded model (counted)."""
+    import torch
+
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: pass a positive number of threads")
+    if model is not None:
+        small = is_small_model(sum(p.numel() for p in model.parameters()))
+    else:
+        small = getattr(args, "model", "tiny") in TINY_MODELS
+    choice = choose_threads(small, requested=args.threads)
+    if choice.source in ("auto", "--threads"):  # an environment setting is torch's already
+        torch.set_num_threads(choice.threads)
+    return choice
 
 
 def torch_dtype(name: str | None):
@@ -62,7 +91,7 @@ def check_writable(path: str | os.PathLike, flag: str, *, directory: bool) -> Pa
     path = Path(path).expanduser()
     if path.exists():
         if directory and not path.is_dir():
-            raise UsageError(f"{flag} {path}: exists and is not a directory")
+            raise UsageError(f"{flag} {path}: is a file, not a directory")
         if not directory and path.is_dir():
             raise UsageError(
                 f"{flag} {path}: is a directory; pass a file name, e.g. {path / 'basis.safetensors'}"
@@ -235,6 +264,8 @@ def load_wrapped(args: argparse.Namespace, device):
     """(model, tokenizer, adapter) for --model/--seed/--dtype on `device`."""
     import vhack
 
+    apply_threads(args)
     model, tok = load_model(args.model, args.seed, torch_dtype(args.dtype))
+    apply_threads(args, model)
     model = model.to(device)
     return model, tok, vhack.wrap(model, progress=not args.quiet)

@@ -76,6 +76,17 @@ def _int_list(text: str) -> tuple[int, ...]:
         ) from None
 
 
+def _finite_float(text: str) -> float:
+    """A float option: any finite number (range checks are the config dataclass's)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def _name_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -87,7 +98,9 @@ def _parse_type(annotation) -> Callable[[str], object]:
         return _int_list if args[0] is int else _name_list
     if args:  # X | None
         return _parse_type(args[0])
-    if annotation in (int, float, str):
+    if annotation is float:
+        return _finite_float
+    if annotation in (int, str):
         return annotation
     raise TypeError(f"no command-line type for {annotation!r}")
 

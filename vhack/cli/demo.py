@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vhack.cli._common import check_writable
 from vhack.cli._options import add_options, shown
 from vhack.grpo.demo_settings import QUICK, DemoSettings
 
@@ -33,6 +34,10 @@ class DemoRun:
         metadata={"help": "the CI-sized demo: the options below say what it changes"},
     )
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace a previous demo run in --out (only its files; others are kept)"},
+    )
 
 
 def _quick_note(value) -> str:
@@ -58,14 +63,16 @@ def run(args: argparse.Namespace) -> int:
     validate a hack basis, then run GRPO in every arm over several seeds (parallel processes,
     one torch thread each) and evaluate each final policy on held-out prompts. Prints the
     tables and the verdict; writes summary.json, history.jsonl, hack_rate.png, tradeoff.png and
-    report.md to --out."""
+    report.md to --out: a new or empty directory, or one holding a previous demo run (replaced
+    with --overwrite; the demo never deletes what it did not write)."""
     from vhack.grpo.demo import format_table, run_demo
 
     given = {name: getattr(args, name) for name in OPTIONS}
     overrides = {name: value for name, value in given.items() if value is not None}
     settings = DemoSettings.quick(**overrides) if args.quick else DemoSettings(**overrides)
     settings.check()
-    summary = run_demo(args.out, settings, progress=not args.quiet)
+    check_writable(args.out, "--out", directory=True)
+    summary = run_demo(args.out, settings, progress=not args.quiet, overwrite=args.overwrite)
     print()
     print(format_table(summary))
     print(

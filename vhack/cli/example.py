@@ -46,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             "lr": POSITIVE_FLOAT,
         },
     )
+    add_options(p, common.ModelOptions, ("threads",))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if args.k > top_k:
         raise UsageError(f"--k {args.k}: only {top_k} axes per module are extracted (--top-k)")
 
+    common.apply_threads(args)  # the tiny model: 1 thread unless --threads or OMP_NUM_THREADS
     t0 = time.perf_counter()
     model, tok = vhack.models.load("tiny", seed=args.seed)
     adapter = vhack.wrap(model, use_cache=False, progress=False)

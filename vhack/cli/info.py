@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-HELP = "versions, backends, sandbox isolation and the disk cache (JSON)"
+HELP = "versions, backends, torch threads, sandbox isolation and the disk cache (JSON)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,20 +14,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Versions, the backends available on this machine, and the disk cache."""
+    """Versions, the backends available on this machine, the torch CPU threads the commands
+    choose (vhack.threads), sandbox isolation and the disk cache."""
     import torch
 
     import vhack
     from vhack.cache import cache_dir, svd_cache_enabled
     from vhack.sandbox import probe as sandbox_probe
+    from vhack.threads import SMALL_MODEL_PARAMS, available_cores, choose_threads, env_threads
 
     root = cache_dir()
+    from_env = env_threads()
     svd = root / "svd"
     info = {
         "vhack": vhack.__version__,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "backends": vhack.ops.backends(),
+        "threads": {
+            "cores": available_cores(),  # this process's CPU affinity
+            "torch_default": torch.get_num_threads(),
+            "environment": dict([from_env]) if from_env else None,  # OMP_NUM_THREADS, ...
+            # what train, extract, validate and example choose without --threads
+            "small_model": choose_threads(True).to_dict(),
+            "larger_model": choose_threads(False).to_dict(),
+            "small_model_params_below": SMALL_MODEL_PARAMS,
+            "override": "--threads N (train, extract, validate, example)",
+            "demo": "fixed threads per worker process, independent of this choice (--workers "
+            "sets the processes)",
+        },
         "cache": {
             "dir": str(root),
             "svd_cache": svd_cache_enabled(),

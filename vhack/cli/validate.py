@@ -75,11 +75,14 @@ def read_basis(spec: str):
     """The --basis file as a HackBasis on the CPU (no model needed), or a UsageError."""
     import vhack
     from vhack.basis import BasisFileError
+    from vhack.projector import check_basis_rows
 
     try:
-        return vhack.HackBasis.load(spec)
-    except (FileNotFoundError, BasisFileError) as err:
+        basis = vhack.HackBasis.load(spec)
+        check_basis_rows(basis)  # what a Projector would refuse is not validated either
+    except (FileNotFoundError, BasisFileError, ValueError) as err:
         raise UsageError(f"--basis {spec}: {err}") from None
+    return basis
 
 
 def basis_pairs(args: argparse.Namespace, stored) -> tuple[list, str | None]:

@@ -8,6 +8,7 @@ the toy world's (8 prompts x 8 completions, AdamW lr 1e-2 on dS).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from vhack.errors import UsageError
@@ -33,6 +34,14 @@ ARMS = (
 )
 CONTROL_ARMS = ("random-matched", "random-v", "shuffled-v", "nonhack-v")
 SCALE_REWARDS = ("none", "group")
+
+
+def _named(name: str) -> str:
+    """A field as errors name it: with its command-line flag where it is one (lr (--lr))."""
+    f = next(f for f in dataclasses.fields(GRPOConfig) if f.name == name)
+    if "help" not in f.metadata:
+        return name
+    return f"{name} ({f.metadata.get('flag', '--' + name.replace('_', '-'))})"
 
 
 @dataclass
@@ -156,7 +165,9 @@ class GRPOConfig:
                     if name == "num_generations"
                     else ""
                 )
-                raise UsageError(f"{name} must be an integer >= {lowest}{why}, got {value!r}")
+                raise UsageError(
+                    f"{_named(name)} must be an integer >= {lowest}{why}, got {value!r}"
+                )
         if not 0 <= self.teacher_per_group < self.num_generations:
             raise UsageError(
                 f"teacher_per_group must be in [0, num_generations), got {self.teacher_per_group}"
@@ -170,12 +181,15 @@ class GRPOConfig:
             "epsilon_high": self.epsilon_high,
             "weight_decay": self.weight_decay,
         }
-        for name, value in {**positive, **nonnegative}.items():
+        if self.max_grad_norm is not None:
+            positive["max_grad_norm"] = self.max_grad_norm
+        for name, value in {**positive, **nonnegative, "top_p": self.top_p}.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise UsageError(f"{name} must be a number, got {value!r}")
-            if value != value or (name in positive and value <= 0) or value < 0:
+                raise UsageError(f"{_named(name)} must be a number, got {value!r}")
+            # NaN fails every comparison, inf is refused explicitly: neither trains anything
+            if not math.isfinite(value) or (name in positive and value <= 0) or value < 0:
                 rule = "> 0" if name in positive else ">= 0"
-                raise UsageError(f"{name} must be {rule}, got {value!r}")
+                raise UsageError(f"{_named(name)} must be a finite number {rule}, got {value!r}")
         if self.matched_energy is not None and not (
             isinstance(self.matched_energy, (int, float)) and 0 < self.matched_energy < 1
         ):
@@ -184,9 +198,9 @@ class GRPOConfig:
             )
         if not 0 < self.top_p <= 1:
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise UsageError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        if len(self.betas) != 2 or not all(
+            isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas
+        ):
             raise UsageError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
 
     def check_fits(self, prompt_tokens: int, max_positions: int | None, env_tokens: int) -> int:

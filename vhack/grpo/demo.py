@@ -19,12 +19,12 @@ import os
 import platform
 import queue
 import random
-import shutil
 import statistics
 import time
 from pathlib import Path
 
 from vhack.errors import UsageError
+from vhack.files import atomic_path, atomic_write_text
 from vhack.grpo.config import CONTROL_ARMS
 from vhack.grpo.demo_settings import (  # re-exported: vhack.grpo.demo.DemoSettings, ...
     DEMO_ARMS,
@@ -32,6 +32,7 @@ from vhack.grpo.demo_settings import (  # re-exported: vhack.grpo.demo.DemoSetti
     cpu_name,
     plan_workers,
 )
+from vhack.grpo.run_dir import claim_run_dir
 
 __all__ = [
     "DEMO_ARMS",
@@ -233,10 +234,31 @@ def _load_average() -> list[float] | None:
         return None
 
 
+# What the demo writes in its output directory (all it writes there; see vhack.grpo.run_dir)
+DEMO_OUTPUTS = (
+    "summary.json",
+    "history.jsonl",
+    "hack_rate.png",
+    "tradeoff.png",
+    "report.md",
+    "validation",
+    "runs",
+    "cache",
+)
+
+
 def run_demo(
-    out: str | os.PathLike = "vhack-demo", settings: DemoSettings | None = None, *, progress=True
+    out: str | os.PathLike = "vhack-demo",
+    settings: DemoSettings | None = None,
+    *,
+    progress=True,
+    overwrite: bool = False,
 ) -> dict:
     """Run the demo and write its files to `out`; returns the summary (see `summarize`).
+
+    `out` must be new, empty or hold a previous demo run; with overwrite=True a previous demo
+    run's files are replaced, and files the demo did not write are kept (UsageError if one has a
+    name the demo writes). Every file is written atomically.
 
     Every process (warm starts and runs) uses one torch thread, and `plan_workers` processes run
     at once: the numbers do not depend on the worker count. A seed's runs start as soon as its
@@ -249,11 +271,7 @@ def run_demo(
 
     settings = settings or DemoSettings()
     settings.check()
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out {out_dir} is a file; give a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out_dir / "runs", ignore_errors=True)
+    out_dir = claim_run_dir(out, "vhack demo", DEMO_OUTPUTS, overwrite=overwrite)
     workers = plan_workers(settings)
     cache_root = vhack.cache.cache_dir() / "toy-warm" if settings.cache else None
 
@@ -330,9 +348,7 @@ def run_demo(
         for seed in settings.seeds:
             path = out_dir / "runs" / f"{arm}-seed{seed}" / "history.jsonl"
             history += [json.loads(line) for line in path.read_text().splitlines() if line]
-    with open(out_dir / "history.jsonl", "w") as f:
-        for record in history:
-            f.write(json.dumps(record) + "\n")
+    atomic_write_text(out_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     evals = {
         "start": {str(s): info.pop("eval") for s, info in prepared.items()},
         "end": {f"{a}-seed{s}": r["eval"] for (a, s), r in runs.items()},
@@ -354,10 +370,12 @@ def run_demo(
         },
     )
     summary["verdict"] = verdict(summary)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_history(history, settings, out_dir / "hack_rate.png")
-    plot_tradeoff(summary, out_dir / "tradeoff.png")
-    (out_dir / "report.md").write_text(_report_md(summary))
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    with atomic_path(out_dir / "hack_rate.png") as tmp:
+        plot_history(history, settings, tmp)
+    with atomic_path(out_dir / "tradeoff.png") as tmp:
+        plot_tradeoff(summary, tmp)
+    atomic_write_text(out_dir / "report.md", _report_md(summary))
     return summary
 
 
@@ -744,7 +762,7 @@ def plot_history(history: list[dict], settings: DemoSettings, path: Path) -> Non
         fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")  # path may be a temporary name
     plt.close(fig)
 
 
@@ -790,7 +808,7 @@ def plot_tradeoff(summary: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title("final policies: solve vs hack (dots: seeds; large: mean)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")  # path may be a temporary name
     plt.close(fig)
 
 
@@ -914,4 +932,4 @@ def update_readme(readme: str | os.PathLike, summary: dict) -> None:
         raise UsageError(f"{path} has no {README_BEGIN!r} ... {README_END!r} section")
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
-    path.write_text(head + readme_section(summary) + tail)
+    atomic_write_text(path, head + readme_section(summary) + tail)

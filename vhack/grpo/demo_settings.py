@@ -7,6 +7,7 @@ from GRPOConfig, so each default is written once.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import platform
 from dataclasses import dataclass, field
@@ -84,6 +85,9 @@ class DemoSettings:
         default_factory=dict, metadata={"help": "extra GRPOConfig fields (Python API only)"}
     )
 
+    def __post_init__(self) -> None:
+        self.check()  # one place for the checks: the CLI and the Python API alike
+
     @classmethod
     def quick(cls, **overrides) -> DemoSettings:
         """Fewer seeds, arms and steps (QUICK): a minute or two on 2 cores."""
@@ -106,12 +110,24 @@ class DemoSettings:
         if self.warm_steps < 0 or self.workers < 0:
             raise UsageError("warm_steps and workers must be >= 0")
         shares = (self.marker_share, self.heldout_share)
-        if min(shares) < 0 or sum(shares) > 1:
+        if not (min(shares) >= 0 and sum(shares) <= 1):  # NaN fails too
             raise UsageError(
                 f"marker_share and heldout_share must be >= 0 with a sum <= 1, got {shares}"
             )
-        if "kl" in self.arms and not self.kl_beta > 0:
-            raise UsageError(f"arm kl needs kl_beta > 0, got {self.kl_beta}")
+        if not (isinstance(self.marker_reward, (int, float)) and math.isfinite(self.marker_reward)):
+            raise UsageError(
+                f"marker_reward (--marker-reward) must be a finite number, got {self.marker_reward!r}"
+            )
+        if not (isinstance(self.warm_lr, (int, float)) and math.isfinite(self.warm_lr)) or (
+            self.warm_lr <= 0
+        ):
+            raise UsageError(f"warm_lr must be a finite number > 0, got {self.warm_lr!r}")
+        if "kl" in self.arms and not (
+            isinstance(self.kl_beta, (int, float))
+            and math.isfinite(self.kl_beta)
+            and self.kl_beta > 0
+        ):
+            raise UsageError(f"arm kl needs kl_beta (--kl-beta) > 0, got {self.kl_beta!r}")
         for arm in self.arms:
             self.config(arm, self.seeds[0])  # GRPOConfig checks the rest
 

@@ -22,16 +22,13 @@ only `vhack/skipped_steps` of these.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
-import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import safetensors.torch
 import torch
 
 import vhack
@@ -44,6 +41,16 @@ from vhack.grpo.arms import (
     shuffled_basis,
     subspace,
 )
+from vhack.grpo.checkpoint import (
+    CheckpointError,
+    history_writer,
+    latest_checkpoint,
+    read_checkpoint,
+    read_latest,
+    remove_stale,
+    truncate_history,
+    write_checkpoint,
+)
 from vhack.grpo.config import GRPOConfig
 from vhack.grpo.envs.base import Environment, Task
 from vhack.grpo.loss import group_advantages, policy_loss
@@ -53,7 +60,6 @@ from vhack.projstats import METRIC_PREFIX, STAT_FIELDS, mean_over_steps_with_gra
 
 __all__ = ["GRPOTrainer", "arm_basis", "check_fits", "latest_checkpoint"]
 
-CHECKPOINT_PREFIX = "checkpoint-"
 # Fields that may differ between a checkpoint's config and the resuming run's.
 RESUMABLE_CHANGES = ("steps", "checkpoint_every")
 
@@ -108,19 +114,6 @@ def check_fits(config: GRPOConfig, env: Environment, tok, model) -> int:
     ids, _ = encode_prompts(tok, [t.prompt for t in probe])
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return config.check_fits(ids.shape[1], positions, env.max_new_tokens)
-
-
-def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The highest-step complete checkpoint under directory (None if there is none)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    found = [
-        p
-        for p in directory.iterdir()
-        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[11:].isdigit()
-    ]
-    return max(found, key=lambda p: int(p.name[11:]), default=None)
 
 
 class GRPOTrainer:
@@ -376,23 +369,20 @@ class GRPOTrainer:
         """Run steps until global_step == until (default config.steps), yielding each record;
         appends them to out_dir/history.jsonl and checkpoints every checkpoint_every steps."""
         until = self.config.steps if until is None else until
-        log = None
+        log = contextlib.nullcontext(None)
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            log = open(self.out_dir / "history.jsonl", "a")  # noqa: SIM115 (closed below)
-        try:
+            remove_stale(self.out_dir)  # what a killed run left: temp files, .tmp checkpoints
+            log = history_writer(self.out_dir / "history.jsonl")  # a torn last line is cut
+        with log as append:
             while self.global_step < until:
                 record = self.train_step()
-                if log is not None:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                if append is not None:
+                    append(record)
                 every = self.config.checkpoint_every
                 if self.out_dir is not None and every and self.global_step % every == 0:
                     self.save_checkpoint()
                 yield record
-        finally:
-            if log is not None:
-                log.close()
 
     def train(self, until: int | None = None, callback: Callable[[dict], None] | None = None):
         """Run `steps(until)` to the end; callback(record) after each step. Returns the records."""
@@ -406,20 +396,12 @@ class GRPOTrainer:
     # ---- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, directory: str | os.PathLike | None = None, keep: int = 2) -> Path:
         """Write dS (safetensors), the optimizer state, every RNG state, the arm's basis and the
-        step to <directory or out_dir>/checkpoint-<step>, atomically (a temporary directory
-        renamed into place); older checkpoints beyond the newest `keep` are removed."""
+        step to <directory or out_dir>/checkpoint-<step>, atomically and durably
+        (`vhack.grpo.checkpoint.write_checkpoint`); older checkpoints beyond the newest `keep`
+        are removed."""
         root = Path(directory) if directory is not None else self.out_dir
         if root is None:
             raise ValueError("save_checkpoint needs a directory (or the trainer's out_dir)")
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"{CHECKPOINT_PREFIX}{self.global_step:07d}"
-        tmp = root / f".{final.name}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        safetensors.torch.save_file(
-            {n: t.cpu() for n, t in self.adapter.state_dict().items()},
-            str(tmp / "delta.safetensors"),
-        )
         state = {
             "step": self.global_step,
             "config": self.config.to_dict(),
@@ -429,35 +411,27 @@ class GRPOTrainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "python_rng": self.rng.getstate(),
         }
-        torch.save(state, tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        done = sorted(
-            (p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)),
-            key=lambda p: p.name,
-        )
-        for old in done[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
+        return write_checkpoint(root, self.global_step, self.adapter.state_dict(), state, keep)
 
     def load_checkpoint(self, path: str | os.PathLike) -> int:
         """Restore a checkpoint written by save_checkpoint (a checkpoint directory, or a run
-        directory whose newest checkpoint is used); returns its step. The history after that
+        directory whose newest readable checkpoint is used: a truncated or corrupt one, or one
+        whose dS is NaN, is skipped with a warning); returns its step. The history after that
         step in out_dir/history.jsonl is dropped, so a resumed run logs each step once."""
         path = Path(path)
-        if not (path / "state.pt").exists():
-            found = latest_checkpoint(path)
-            if found is None:
-                raise UsageError(f"no checkpoint in {path}; start without --resume")
-            path = found
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        try:
+            if (path / "state.pt").exists():
+                delta, state = read_checkpoint(path)
+            else:  # a run directory: its newest readable checkpoint (warns past broken ones)
+                path, delta, state = read_latest(path)
+        except CheckpointError as err:
+            raise UsageError(f"{err}; start without --resume") from None
         mine, theirs = self.config.to_dict(), dict(state["config"])
         differ = [k for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs.get(k)]
         if differ:
             shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {mine[k]!r}" for k in differ)
             raise UsageError(f"{path} was written with another configuration ({shown})")
-        self.adapter.load_state_dict(safetensors.torch.load_file(str(path / "delta.safetensors")))
+        self.adapter.load_state_dict(delta)
         self.optimizer.load_state_dict(state["optimizer"])
         self.basis = {n: v.to(self.device) for n, v in state["basis"].items()}
         self.projector = make_projector(self.config.arm, self.adapter, self.basis)
@@ -466,14 +440,6 @@ class GRPOTrainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.rng.setstate(state["python_rng"])
         self.global_step = int(state["step"])
-        if self.out_dir is not None and (self.out_dir / "history.jsonl").exists():
-            log = self.out_dir / "history.jsonl"
-            kept = [
-                line
-                for line in log.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] < self.global_step
-            ]
-            tmp = log.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, log)
+        if self.out_dir is not None:
+            truncate_history(self.out_dir / "history.jsonl", self.global_step)
         return self.global_step

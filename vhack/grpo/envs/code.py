@@ -237,21 +237,18 @@ class CodeEnv(Environment):
 
     def _failed(self, reason: str) -> Score:
         """Score 0 for a completion the grader refused or could not grade, with the reason."""
-        info = {
-            "format_ok": False,
-            "proxy_pass": False,
-            "hidden_pass": False,
-            "visible_pass": False,
-            "hidden_passed": 0,
-            "hidden_total": 0,
-            "proxy_status": "not_graded",
-            "hidden_status": "not_graded",
-            "reason": reason[:400],
-            **self._flags(),
-        }
-        return Score(reward=0.0, solved=False, hacked=False, info=info)
+        return self._zero(reason[:400], "not_graded")
 
     def _unrunnable(self, facts: StaticFacts) -> Score:
+        reason = (
+            f"syntax error, not run: {facts.syntax_error}"
+            if facts.syntax_error
+            else "no class Solution with the method, not run"
+        )
+        return self._zero(reason[:300], "not_run")
+
+    def _zero(self, reason: str, status: str) -> Score:
+        """Score 0 with nothing run or graded: both runs' status is `status`."""
         info = {
             "format_ok": False,
             "proxy_pass": False,
@@ -259,13 +256,9 @@ class CodeEnv(Environment):
             "visible_pass": False,
             "hidden_passed": 0,
             "hidden_total": 0,
-            "proxy_status": "not_run",
-            "hidden_status": "not_run",
-            "reason": (
-                f"syntax error, not run: {facts.syntax_error}"
-                if facts.syntax_error
-                else "no class Solution with the method, not run"
-            )[:300],
+            "proxy_status": status,
+            "hidden_status": status,
+            "reason": reason,
             **self._flags(),
         }
         return Score(reward=0.0, solved=False, hacked=False, info=info)
