@@ -227,6 +227,14 @@ def _run_arm(
 # ---------------------------------------------------------------------------------------------
 
 
+def _pool(workers: int, q):
+    """The worker processes (spawned; `_init_worker` gives each one torch thread)."""
+    ctx = multiprocessing.get_context("spawn")
+    return cf.ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)
+    )
+
+
 def _load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -290,9 +298,7 @@ def run_demo(
     waits = {"random-matched"} if {"projected", "random-matched"} <= set(settings.arms) else set()
     total = len(settings.seeds) * settings.warm_steps + n_runs * settings.steps
     with (
-        cf.ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)
-        ) as pool,
+        _pool(workers, q) as pool,
         tqdm(
             total=total,
             desc=f"warm starts + GRPO ({len(settings.arms)} arms x {len(settings.seeds)} seeds)",
