@@ -37,11 +37,16 @@ from vhack.grpo.run_dir import claim_run_dir
 __all__ = [
     "DEMO_ARMS",
     "DemoSettings",
+    "eval_tasks",
+    "evaluate",
     "format_table",
     "plan_workers",
+    "plot_history",
+    "plot_tradeoff",
     "readme_section",
     "run_demo",
     "summarize",
+    "update_readme",
     "verdict",
     "wilson_interval",
 ]
