@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,14 +27,14 @@ _spec.loader.exec_module(suite)
 
 
 def test_quick_run_writes_the_summary_and_plots(tmp_path):
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
+    # The installed console script, run from the clone's root (it finds ./bench there): the same
+    # vhack as this test process, compiled extension included (`python -m` would put the
+    # checkout first on sys.path, and a checkout after a plain install has no vhack._C).
+    exe = shutil.which("vhack")
+    assert exe, "the vhack console script is not on PATH: install the package (see README)"
     proc = subprocess.run(
-        [sys.executable, "-m", "vhack.cli", "bench", "--quick", "--device", "cpu",
-         "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=400,
+        [exe, "bench", "--quick", "--device", "cpu", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=400,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (path,) = tmp_path.glob("bench-quick-*.json")
