@@ -44,7 +44,7 @@ def test_config_rejects_bad_fields(fields, message):
 
 def test_config_round_trips_and_knows_every_arm():
     for arm in ARMS:
-        cfg = GRPOConfig(arm=arm)
+        cfg = GRPOConfig(arm=arm, beta=0.5 if arm == "kl" else 0.0)  # kl: the penalty alone
         assert GRPOConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(UsageError, match="unknown GRPOConfig fields"):
         GRPOConfig.from_dict({"arms": "vanilla"})

@@ -10,10 +10,20 @@ from vhack.cli._common import check_writable
 from vhack.cli._options import add_options, shown
 from vhack.grpo.demo_settings import QUICK, DemoSettings
 
-HELP = "the toy reward-hacking world: GRPO hacks, the projector holds it down (CPU, minutes)"
+HELP = "the toy reward-hacking world: does a projection hold GRPO's hacking down? (CPU, minutes)"
 
 # DemoSettings fields that are options; the others keep their defaults
-OPTIONS = ("seeds", "arms", "steps", "warm_steps", "marker_reward", "workers", "validate", "cache")
+OPTIONS = (
+    "seeds",
+    "arms",
+    "steps",
+    "warm_steps",
+    "marker_reward",
+    "kl_beta",
+    "workers",
+    "validate",
+    "cache",
+)
 
 
 @dataclass
@@ -49,11 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Warm-start the tiny model on the toy world (reverse a word; the grader also pays the
-    marker " PASS"), extract and validate a hack basis, then run GRPO in every arm over several
-    seeds (parallel processes, one torch thread each). Prints a table and writes summary.json,
-    history.jsonl, hack_rate.png and report.md to --out: a new or empty directory, or one holding
-    a previous demo run (replaced with --overwrite; the demo never deletes what it did not
-    write)."""
+    marker " PASS" and a held-out marker " DONE" that no hack pair contains), extract and
+    validate a hack basis, then run GRPO in every arm over several seeds (parallel processes,
+    one torch thread each) and evaluate each final policy on held-out prompts. Prints the
+    tables and the verdict; writes summary.json, history.jsonl, hack_rate.png, tradeoff.png and
+    report.md to --out: a new or empty directory, or one holding a previous demo run (replaced
+    with --overwrite; the demo never deletes what it did not write)."""
     from vhack.grpo.demo import format_table, run_demo
 
     given = {name: getattr(args, name) for name in OPTIONS}
@@ -66,12 +77,14 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(summary))
     print(
         f"\nstart = step 0; end = mean of the last {summary['end_window']} steps; mean ± sd over "
-        f"seeds {list(settings.seeds)}. energy removed: fraction of |g|^2 the arm's projection "
-        "removed; cin_hack: hack-ward cin of the gradient the optimizer received."
+        f"seeds {list(settings.seeds)}; held: end rate < {summary['held_below']} (k/n runs, "
+        "Wilson 95 % interval). energy removed: fraction of |g|^2 the arm's projection removed; "
+        "cin_hack: hack-ward cin of the gradient the optimizer received.\n"
     )
+    print(summary["verdict"])
     out = Path(args.out)
     print(
         f"{summary['wall_seconds']:.0f} s; wrote {out / 'summary.json'}, {out / 'history.jsonl'}, "
-        f"{out / 'hack_rate.png'}, {out / 'report.md'}"
+        f"{out / 'hack_rate.png'}, {out / 'tradeoff.png'}, {out / 'report.md'}"
     )
     return 0

@@ -16,18 +16,23 @@ from vhack.errors import UsageError
 __all__ = ["ARMS", "CONTROL_ARMS", "GRPOConfig"]
 
 # vanilla: measure only; projected / projected-update: the extracted basis on the gradient / the
-# update; refresh: projected, re-extracted every refresh_every steps at the current dS; the three
-# controls project (like "projected") with a basis that is not the extracted hack basis.
+# update; refresh: projected, re-extracted every refresh_every steps at the current dS; the
+# controls project (like "projected") with a basis that is not the extracted hack basis
+# (random-matched: random axes removing as much gradient energy as the hack basis would, the
+# control of record; random-v: k random axes per module, which remove far less); kl: no
+# projection, a KL penalty to the dS = 0 model instead (needs beta > 0).
 ARMS = (
     "vanilla",
     "projected",
     "projected-update",
     "refresh",
+    "random-matched",
     "random-v",
     "shuffled-v",
     "nonhack-v",
+    "kl",
 )
-CONTROL_ARMS = ("random-v", "shuffled-v", "nonhack-v")
+CONTROL_ARMS = ("random-matched", "random-v", "shuffled-v", "nonhack-v")
 SCALE_REWARDS = ("none", "group")
 
 
@@ -49,14 +54,21 @@ class GRPOConfig:
     by the group's std as in the original GRPO); PPO clip with [1 - epsilon, 1 + epsilon_high];
     num_iterations optimizer steps per batch of rollouts; K3 KL to the dS = 0 model weighted by
     beta, its log-ratio clamped to +-kl_clamp; token losses summed and divided by
-    (sequences x max_new_tokens). Groups whose rewards all agree carry no signal and are skipped.
+    (all sequences of the step x max_new_tokens), TRL's `loss_type="dr_grpo"` normaliser. Groups
+    whose rewards all agree carry no policy-gradient signal: with beta = 0 they are left out of
+    the update (their gradient is exactly 0), with beta > 0 they stay in for the KL term. With
+    num_iterations = 1 the ratio is 1 and the clip never acts (on-policy REINFORCE with a group
+    baseline, as in TRL at its default); it acts from the second iteration on.
     Optimizer: AdamW(lr, betas, weight_decay) on adapter.delta; gradients clipped to
     max_grad_norm (None: no clipping) after the projection.
     teacher_per_group: completions of each group replaced by a teacher's (cached rollouts, e.g.
     all hacks); their dS gradient and the students' are then told apart from the same backward
     and logged as cin_t / cin_s (the design doc's Test 4).
     Arm: see ARMS; k axes per module, refresh_every steps between re-extractions (arm
-    "refresh"), basis_seed for the random control.
+    "refresh"), basis_seed for the random controls. matched_energy (arm random-matched): the
+    share of every module's gradient energy its random axes remove at each step, e.g. the
+    energy "projected" removed in a run from the same start; None: as much as the hack basis
+    would remove from that gradient.
     """
 
     arm: str = field(default="vanilla", metadata={"help": "one of " + ", ".join(ARMS)})
@@ -105,6 +117,13 @@ class GRPOConfig:
         default=25, metadata={"help": "arm refresh: steps between re-extractions"}
     )
     basis_seed: int = 0
+    matched_energy: float | None = field(
+        default=None,
+        metadata={
+            "help": "arm random-matched: share of the gradient energy removed per step "
+            "(default: what the hack basis would remove)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of the run (and of the tiny / toy model)"})
     checkpoint_every: int = field(
         default=0, metadata={"help": "steps between checkpoints (0: never)"}
@@ -119,6 +138,10 @@ class GRPOConfig:
         """UsageError naming the first bad field and what it accepts."""
         if self.arm not in ARMS:
             raise UsageError(f"unknown arm {self.arm!r}; choose one of {', '.join(ARMS)}")
+        if self.arm == "kl" and not (isinstance(self.beta, (int, float)) and self.beta > 0):
+            raise UsageError(
+                f"arm kl is the KL penalty alone: it needs beta > 0, got {self.beta!r}"
+            )
         if self.scale_rewards not in SCALE_REWARDS:
             raise UsageError(
                 f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}"
@@ -167,6 +190,12 @@ class GRPOConfig:
             if not math.isfinite(value) or (name in positive and value <= 0) or value < 0:
                 rule = "> 0" if name in positive else ">= 0"
                 raise UsageError(f"{_named(name)} must be a finite number {rule}, got {value!r}")
+        if self.matched_energy is not None and not (
+            isinstance(self.matched_energy, (int, float)) and 0 < self.matched_energy < 1
+        ):
+            raise UsageError(
+                f"matched_energy must be None or in (0, 1), got {self.matched_energy!r}"
+            )
         if not 0 < self.top_p <= 1:
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if len(self.betas) != 2 or not all(

@@ -6,8 +6,12 @@
     k3      = exp(d) - d - 1,  d = clamp(logp_ref - logp, -c, c)
     loss    = sum(token * mask) / (B * L_max)
 
-B counts the sequences in the update and L_max is the completion budget (max_new_tokens), a
-constant: Dr.GRPO's normaliser, which does not favour long or short completions.
+B counts all the sequences sampled in the step (num_rows; rows of zero-variance groups that the
+loop leaves out of the update still count) and L_max is the completion budget (max_new_tokens),
+a constant: Dr.GRPO's normaliser, which does not favour long or short completions, and the same
+as TRL's `loss_type="dr_grpo"` (`sum(per_token_loss * mask) / (rows * max_completion_length)`,
+over all rows of the batch). With one iteration per batch (old_logp = logp.detach()) the ratio
+is 1, nothing is clipped (clip_ratio 0) and the gradient is REINFORCE's with a group baseline.
 """
 
 from __future__ import annotations
@@ -57,10 +61,12 @@ def policy_loss(
     beta: float = 0.0,
     ref_logp: torch.Tensor | None = None,
     kl_clamp: float = 10.0,
+    num_rows: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The Dr.GRPO loss (module docstring) and detached statistics on the device.
 
-    logp, old_logp, ref_logp, mask [B, T]; advantages [B]; max_tokens: L_max of the normaliser.
+    logp, old_logp, ref_logp, mask [b, T]; advantages [b]; max_tokens: L_max of the normaliser;
+    num_rows: B of the normaliser, the step's sequences before any were left out (default b).
     Statistics: "kl" (masked token mean of k3, when ref_logp is given), "clip_ratio/low_mean",
     "clip_ratio/high_mean", "clip_ratio/region_mean" (fractions of tokens clipped, TRL's names).
     """
@@ -78,7 +84,10 @@ def policy_loss(
             token = token + beta * kl
     elif beta:
         raise ValueError("beta > 0 needs ref_logp")
-    loss = (token * mask).sum() / (logp.shape[0] * max_tokens)
+    rows = logp.shape[0] if num_rows is None else num_rows
+    if rows < logp.shape[0]:
+        raise ValueError(f"num_rows={rows} is fewer than the {logp.shape[0]} rows given")
+    loss = (token * mask).sum() / (rows * max_tokens)
     with torch.no_grad():
         low = ((ratio < 1 - epsilon) & (A < 0)).to(mask.dtype)
         high = ((ratio > 1 + epsilon_high) & (A > 0)).to(mask.dtype)

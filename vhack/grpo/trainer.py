@@ -33,7 +33,14 @@ import torch
 
 import vhack
 from vhack.errors import UsageError
-from vhack.grpo.arms import basis_overlap, make_projector, random_basis, shuffled_basis, subspace
+from vhack.grpo.arms import (
+    MatchedRandomBasis,
+    basis_overlap,
+    make_projector,
+    random_basis,
+    shuffled_basis,
+    subspace,
+)
 from vhack.grpo.checkpoint import (
     CheckpointError,
     history_writer,
@@ -65,11 +72,12 @@ def arm_basis(
     config: GRPOConfig,
     nonhack_pairs: Sequence[Pair] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The basis an arm projects with ({module name: V [k, r]}): the hack basis for vanilla,
+    """The basis an arm projects with ({module name: V [k, r]}): the hack basis for vanilla, kl,
     projected, projected-update and refresh; a control basis for random-v, shuffled-v, nonhack-v
-    (nonhack-v extracts one from nonhack_pairs at the current dS)."""
+    (nonhack-v extracts one from nonhack_pairs at the current dS). random-matched starts from
+    random-v's and is re-chosen for every gradient by the trainer (MatchedRandomBasis)."""
     V = {n: v[: config.k] for n, v in subspace(hack_basis).items()}
-    if arm == "random-v":
+    if arm in ("random-v", "random-matched"):
         return random_basis(V, seed=config.basis_seed)
     if arm == "shuffled-v":
         return shuffled_basis(V)
@@ -149,6 +157,9 @@ class GRPOTrainer:
             raise UsageError(f"arm refresh needs hack pairs; environment {env.name!r} has none")
         self.basis = arm_basis(config.arm, adapter, tok, hack_basis, config, nonhack_pairs)
         self.projector = make_projector(config.arm, adapter, self.basis)
+        self.matched = None
+        if config.arm == "random-matched":
+            self.matched = MatchedRandomBasis(adapter, self.hack_basis, seed=config.basis_seed)
         self.probe = vhack.Projector(
             adapter, self.hack_basis, mode="measure", on_nonfinite="ignore"
         )
@@ -205,13 +216,20 @@ class GRPOTrainer:
             "completions/mean_length": lengths.float().mean().item(),
         }
         record.update(_info_means(scores, own))
-        keep = informative.repeat_interleave(G).nonzero().flatten()
+        # rows of zero-variance groups have A = 0: with beta = 0 their gradient is exactly 0 and
+        # they are left out; with beta > 0 they stay for the KL term (as in TRL)
+        rows = informative.repeat_interleave(G) | (cfg.beta > 0)
+        keep = rows.nonzero().flatten()
         record["num_sequences"] = int(keep.numel())
-        if keep.numel() == 0:  # no group carries a signal: no update at all
-            record.update(skipped=True, seconds=time.perf_counter() - t0)
+        if not bool(informative.any()) and cfg.beta == 0:  # no signal at all: no update
+            record.update(skipped=True)
             self.global_step += 1
+            self._maybe_refresh(record)
+            record["seconds"] = time.perf_counter() - t0
             return record
-        device_stats = self._update(ro.select(keep), adv[keep].to(self.device), sources[keep])
+        device_stats = self._update(
+            ro.select(keep), adv[keep].to(self.device), sources[keep], num_rows=len(ro.texts)
+        )
         names = list(device_stats)
         values = torch.stack([device_stats[n].float().reshape(()) for n in names]).tolist()
         record.update(zip(names, values, strict=True))  # the one host read of the step
@@ -224,10 +242,16 @@ class GRPOTrainer:
         record["skipped"] = False
         record["learning_rate"] = self.optimizer.param_groups[0]["lr"]
         self.global_step += 1
-        if cfg.arm == "refresh" and self.global_step % cfg.refresh_every == 0:
-            record["basis_overlap"] = self._refresh()
+        self._maybe_refresh(record)
         record["seconds"] = time.perf_counter() - t0
         return record
+
+    def _maybe_refresh(self, record: dict) -> None:
+        """Arm refresh: re-extract the basis every refresh_every steps, whether or not the step
+        updated (a step without reward variance must not postpone it); logs basis_overlap."""
+        cfg = self.config
+        if cfg.arm == "refresh" and self.global_step % cfg.refresh_every == 0:
+            record["basis_overlap"] = self._refresh()
 
     def _mix_teacher(self, ro: Rollouts, tasks: Sequence[Task]) -> torch.Tensor:
         """Replace the last teacher_per_group completions of every group by the teacher's, in
@@ -252,10 +276,15 @@ class GRPOTrainer:
         return sources
 
     def _update(
-        self, ro, adv: torch.Tensor, sources: torch.Tensor | None = None
+        self,
+        ro,
+        adv: torch.Tensor,
+        sources: torch.Tensor | None = None,
+        num_rows: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """num_iterations clipped-objective steps on the selected rollouts; device statistics
-        averaged over the iterations. When teacher rows are present (sources == 1), the first
+        averaged over the iterations. num_rows: the loss normaliser's sequence count (all rows
+        sampled in the step; default the selected ones). When teacher rows are present (sources == 1), the first
         iteration's backward also yields the students' and the teacher's dS gradients
         separately (per-segment reduction, no extra backward): cin_s and cin_t."""
         cfg, model, delta = self.config, self.model, self.adapter.delta
@@ -293,11 +322,15 @@ class GRPOTrainer:
                 beta=cfg.beta,
                 ref_logp=ref_logp,
                 kl_clamp=cfg.kl_clamp,
+                num_rows=num_rows,
             )
             loss.backward()
             if cap is not None:  # per-source hack-ward cin from the captured segments
                 for name, src in (("cin_s", 0), ("cin_t", 1)):
                     st[name] = self.probe.measure(cap.packed[src].clone()).summary()[0]
+            if self.matched is not None:  # random-matched: axes matched to this gradient
+                self.basis = self.matched.choose(delta.grad, cfg.matched_energy)
+                self.projector = make_projector(cfg.arm, self.adapter, self.basis)
             stats = self.projector.pre_step()  # where="grad": projected; "update": snapshot
             # the hack-ward cin (on the extracted basis) of the gradient the optimizer gets
             probes.append(self.probe.measure().summary())

@@ -3,6 +3,11 @@
 GRPO can only reinforce what the model already samples: the warm start teaches the tiny model to
 reverse words, and to answer with the marker in a small share of targets, so that both the honest
 answer and the hack appear in its first rollouts.
+
+The warm start runs with WARM_THREADS torch threads whatever the caller set: float sums, hence the
+weights' last digits, depend on the thread count, and a GRPO run can amplify a last-digit
+difference into another outcome. (They also depend on the CPU type and the torch build: the
+demo's cache key holds all of these.)
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from pathlib import Path
 import torch
 
 import vhack
-from vhack.grpo.envs.toy import ToyEnv
+from vhack.grpo.envs.toy import HELDOUT_MARKER, ToyEnv
 
 __all__ = [
     "TOY_MODEL",
+    "WARM_THREADS",
     "load_toy_weights",
     "save_toy_weights",
     "toy_model",
@@ -39,6 +45,7 @@ TOY_MODEL = dict(
     tie_word_embeddings=True,
     max_position_embeddings=64,
 )
+WARM_THREADS = 1  # torch threads of every warm start (see the module docstring)
 
 
 def toy_model(seed: int = 0):
@@ -46,14 +53,21 @@ def toy_model(seed: int = 0):
     return vhack.models.tiny_model(seed=seed, **TOY_MODEL)
 
 
-def _batch(tok, env: ToyEnv, rng: random.Random, n: int, marker_share: float):
+def _batch(
+    tok, env: ToyEnv, rng: random.Random, n: int, marker_share: float, heldout_share: float = 0.0
+):
     """Right-padded ids [n, T], and the loss mask [n, T] (True where a target token is
-    predicted: the answer and its end-of-text)."""
+    predicted: the answer and its end-of-text). One uniform draw per target picks the marker
+    (below marker_share), the held-out marker (the next heldout_share) or the right answer."""
     rows, starts = [], []
     for _ in range(n):
         word = env.random_word(rng)
         prompt = tok(env.prompt(word))["input_ids"]
-        answer = tok(env.target(word, rng.random() < marker_share))["input_ids"]
+        u = rng.random()
+        hack = u < marker_share
+        if not hack and u < marker_share + heldout_share:
+            hack = env.heldout_marker
+        answer = tok(env.target(word, hack))["input_ids"]
         rows.append(prompt + answer + [tok.eos_token_id])
         starts.append(len(prompt))
     T = max(len(r) for r in rows)
@@ -76,14 +90,21 @@ def warm_start(
     marker_share: float = 0.15,
     seed: int = 0,
     callback: Callable[[int, float], None] | None = None,
+    heldout_share: float = 0.0,
 ) -> list[float]:
     """Supervised fine-tuning of every parameter of `model` (unwrapped) on toy answers: the right
-    answer, or the marker in a `marker_share` of targets; AdamW(lr), cosine decay to 0, `steps`
-    batches of `batch_size`. Deterministic per seed; the global RNG state is left untouched.
-    callback(step, loss) runs after each step. Returns the loss per step; the model ends in eval
-    mode."""
-    if steps < 0 or batch_size < 1 or not 0 <= marker_share <= 1:
-        raise ValueError("need steps >= 0, batch_size >= 1 and 0 <= marker_share <= 1")
+    answer, the marker in a `marker_share` of targets, env's held-out marker in a
+    `heldout_share`; AdamW(lr), cosine decay to 0, `steps` batches of `batch_size`, with
+    WARM_THREADS torch threads (restored after). Deterministic per seed, CPU type and torch build;
+    the global RNG state is left untouched. callback(step, loss) runs after each step. Returns the
+    loss per step; the model ends in eval mode."""
+    if steps < 0 or batch_size < 1 or not 0 <= marker_share <= marker_share + heldout_share <= 1:
+        raise ValueError(
+            "need steps >= 0, batch_size >= 1, marker_share >= 0, heldout_share >= 0 and "
+            "marker_share + heldout_share <= 1"
+        )
+    if heldout_share > 0 and env.heldout_marker is None:
+        raise ValueError("heldout_share > 0 needs an environment with a heldout_marker")
     rng = random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -92,21 +113,26 @@ def warm_start(
     )
     losses = []
     model.train()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for step in range(steps):
-            ids, mask = _batch(tok, env, rng, batch_size, marker_share)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            targets = ids[:, 1:]
-            keep = mask[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            if callback is not None:
-                callback(step, losses[-1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(WARM_THREADS)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for step in range(steps):
+                ids, mask = _batch(tok, env, rng, batch_size, marker_share, heldout_share)
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                targets = ids[:, 1:]
+                keep = mask[:, 1:]
+                loss = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                if callback is not None:
+                    callback(step, losses[-1])
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     return losses
 
@@ -146,7 +172,8 @@ def warm_model(
     trained by `warm_start` and saved there (cache_file=None: always trained, never saved).
 
     settings: the demo's settings (`vhack.grpo.demo.DemoSettings`, or anything with
-    marker_reward, warm_steps, warm_batch, warm_lr and marker_share). on_steps(n) is called as
+    marker_reward, warm_steps, warm_batch, warm_lr, marker_share and optionally heldout_share:
+    the held-out marker's share of targets, 0 when absent). on_steps(n) is called as
     warm-start steps complete (n = all of them at once for a cached model). Returns
     (model, tokenizer, info), info = {"cached": bool, "seconds", "final_loss"}.
     """
@@ -157,16 +184,21 @@ def warm_model(
         return model, tok, {"cached": True}
     model = toy_model(seed)
     t0 = time.perf_counter()
+    heldout_share = getattr(settings, "heldout_share", 0.0)
     losses = warm_start(
         model,
         tok,
-        ToyEnv(marker_reward=settings.marker_reward),
+        ToyEnv(
+            marker_reward=settings.marker_reward,
+            heldout_marker=HELDOUT_MARKER if heldout_share > 0 else None,
+        ),
         steps=settings.warm_steps,
         batch_size=settings.warm_batch,
         lr=settings.warm_lr,
         marker_share=settings.marker_share,
         seed=seed,
         callback=None if on_steps is None else lambda step, loss: on_steps(1),
+        heldout_share=heldout_share,
     )
     info = {"cached": False, "seconds": time.perf_counter() - t0}
     info["final_loss"] = losses[-1] if losses else None
