@@ -164,3 +164,15 @@ def forbid_host_sync() -> Iterator[contextlib.AbstractContextManager]:
 
 
 _MISSING = object()
+
+
+def assert_one_line_error(rc: int, err: str, command: str, *fragments: str) -> None:
+    """A `vhack COMMAND` user error: exit status 2, no traceback, one line on stderr that starts
+    with `vhack COMMAND: error: ` and holds every fragment."""
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"vhack {command}: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, err)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from helpers import assert_one_line_error
 
 import vhack
 from vhack import cli
@@ -69,16 +70,6 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
         rc = exc.code
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
-
-
-def assert_one_line_error(rc: int, err: str, command: str, *fragments: str) -> None:
-    assert rc == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"vhack {command}: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, err)
 
 
 @pytest.fixture

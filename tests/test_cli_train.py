@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+from helpers import assert_one_line_error
 
 import vhack
 from vhack import cli
@@ -23,14 +24,6 @@ def run_cli(argv, capsys) -> tuple[int, str]:
     except SystemExit as exc:
         rc = exc.code
     return rc, capsys.readouterr().err
-
-
-def assert_one_line(rc: int, err: str, *fragments: str) -> None:
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("vhack train: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, err)
 
 
 @pytest.fixture
@@ -105,7 +98,7 @@ def test_train_user_errors_are_one_line_before_any_model_load(
     if "--out" not in argv:
         argv += ["--out", str(files["tmp"] / "run")]
     rc, err = run_cli(["train", "--model", "tiny", *argv], capsys)
-    assert_one_line(rc, err, *fragments)
+    assert_one_line_error(rc, err, "train", *fragments)
 
 
 def test_unknown_targets_are_one_line_before_extraction(tmp_path, monkeypatch, capsys):
@@ -114,7 +107,7 @@ def test_unknown_targets_are_one_line_before_extraction(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(vhack, "extract", extract)
     rc, err = run_cli(["train", *SMALL, "--targets", "nope", "--out", tmp_path / "r"], capsys)
-    assert_one_line(rc, err, "--targets nope", "matched no module")
+    assert_one_line_error(rc, err, "train", "--targets nope", "matched no module")
 
 
 def history_steps(out) -> list[int]:
@@ -135,7 +128,7 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path, capsys):
     for extra, fragment in changes:
         argv = ["train", *SMALL, "--checkpoint-every", "1", "--out", out, "--resume", *extra]
         rc, err = run_cli(argv, capsys)
-        assert_one_line(rc, err, "--resume", fragment)
+        assert_one_line_error(rc, err, "train", "--resume", fragment)
     assert history_steps(out) == [0, 1, 2]
     # the run's own settings (a longer --steps is allowed) continue it
     argv = ["train", *SMALL, "--checkpoint-every", "1", "--out", out, "--resume", "--steps", "4"]
