@@ -6,8 +6,8 @@ Two measurements, each with 1 and with N workers (default: all cores):
 - "code completion": `CodeEnv.score_batch` on the shipped problems' reference solutions and the
   hand-written hacks of the tests (two sandbox runs per completion: proxy and hidden).
 - "hostile completion": `CodeEnv.score_batch` on completions built to stall or crash the grader
-  (10 MB of code, a cubic-regex bait line printed, malformed results on the harness channel); none
-  may be paid, each gets a reason, quickly (full run only).
+  (10 MB of code, a cubic-regex bait line printed, malformed results written on every open
+  descriptor); none may be paid, each gets a reason, quickly (full run only).
 Rows (with the machine, sandbox level, cgroup use, load averages and date) go to
 bench/results/<name>-<cpu>-<date>.json (name: bench_grader unless --name).
 
@@ -61,8 +61,10 @@ HOSTILE = [
     "```python\n" + "x = 1\n" * 1_750_000 + "```",  # 10 MB
     "```python\nprint('all tests ' * 2000)\nclass Solution:\n    def {method}(self, *a):\n"
     "        return None\n\ndef run_tests():\n    raise AssertionError\n```",
-    '```python\nimport os\ntry:\n    os.write(3, (\'{"i": 0, "ok": true, "value": \' + \'9\' * 5000'
-    " + '}\\n').encode())\nexcept OSError:\n    pass\nclass Solution:\n    def {method}(self, *a):\n"
+    # a malformed result on every descriptor the program holds (the harness's reply pipe too)
+    "```python\nimport os\nfor fd in range(3, 64):\n    try:\n"
+    "        os.write(fd, ('{\"i\": 0, \"ok\": true, \"value\": ' + '9' * 5000 + '}\\n').encode())\n"
+    "    except OSError:\n        pass\nclass Solution:\n    def {method}(self, *a):\n"
     "        return None\n\ndef run_tests():\n    pass\n```",
 ]
 

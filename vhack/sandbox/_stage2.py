@@ -22,7 +22,8 @@ PPID the grader's pid. Process tree:
 - The program child joins its cgroups (if any), switches to the unprivileged uid (or drops every
   capability), sets PDEATHSIG again (a uid switch clears it), no_new_privs, the rlimits and the
   seccomp filter, and execs the interpreter. CHANNEL_FD becomes its fd 3 (the harness channel:
-  a pipe to the grader for a harness's own reports; the program can write it too).
+  a pipe to the grader for a harness's own reports; a harness that runs untrusted code keeps it
+  out of that code's reach, as the code environment's driver process does).
 
 JOB: {"mode": "namespaces" | "process", "drop": "setuid" | "caps" | "none", "uid", "gid",
 "userns": bool, "python", "binds", "hide", "files": {name: text}, "workdir" (process mode),
@@ -165,8 +166,9 @@ def _build_root(job: dict) -> str:
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 # syscalls a graded program has no business making (EPERM): ptrace, the mount family,
 # pivot_root/chroot, unshare/setns, keyrings, bpf, perf, userfaultfd, module/kexec/reboot/swap/
-# acct/hostname, handle-based opens, process_vm_*, io_uring, System V IPC (shared memory,
-# semaphores, message queues: memory charged to no process) and memfd_create/memfd_secret.
+# acct/hostname, handle-based opens, process_vm_*, pidfd_getfd (another process's fds),
+# io_uring, System V IPC (shared memory, semaphores, message queues: memory charged to no
+# process) and memfd_create/memfd_secret.
 DENIED_NAMES = (
     "ptrace", "pivot_root", "chroot", "acct", "mount", "umount2", "swapon", "swapoff", "reboot",
     "sethostname", "setdomainname", "init_module", "delete_module", "finit_module", "kexec_load",
@@ -175,7 +177,7 @@ DENIED_NAMES = (
     "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register", "open_tree",
     "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr", "shmget", "shmat",
     "shmctl", "shmdt", "semget", "semop", "semctl", "semtimedop", "msgget", "msgsnd", "msgrcv",
-    "msgctl", "memfd_create", "memfd_secret",
+    "msgctl", "memfd_create", "memfd_secret", "pidfd_getfd",
 )  # fmt: skip
 SYSCALLS = {
     "x86_64": {
@@ -190,7 +192,7 @@ SYSCALLS = {
         "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,
         "shmget": 29, "shmat": 30, "shmctl": 31, "shmdt": 67, "semget": 64, "semop": 65,
         "semctl": 66, "semtimedop": 220, "msgget": 68, "msgsnd": 69, "msgrcv": 70, "msgctl": 71,
-        "memfd_create": 319, "memfd_secret": 447,
+        "memfd_create": 319, "memfd_secret": 447, "pidfd_getfd": 438,
         "socket": 41, "socketpair": 53, "clone": 56, "clone3": 435,
     },
     "aarch64": {  # asm-generic numbering
@@ -205,7 +207,7 @@ SYSCALLS = {
         "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442, "shmget": 194,
         "shmat": 196, "shmctl": 195, "shmdt": 197, "semget": 190, "semop": 193, "semctl": 191,
         "semtimedop": 192, "msgget": 186, "msgsnd": 189, "msgrcv": 188, "msgctl": 187,
-        "memfd_create": 279, "memfd_secret": 447,
+        "memfd_create": 279, "memfd_secret": 447, "pidfd_getfd": 438,
         "socket": 198, "socketpair": 199, "clone": 220, "clone3": 435,
     },
 }  # fmt: skip
