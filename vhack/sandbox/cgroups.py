@@ -128,7 +128,7 @@ def _is_grader_leaf(name: str) -> bool:
 
 
 def _v2_parent(proc_self: str) -> tuple[str, list[str]] | None:
-    """(P, controllers P offers its children's cgroups) on cgroup v2, or None without v2. P is
+    """(P, the controllers P can enable for its children) on cgroup v2, or None without v2. P is
     the grader's v2 cgroup, or the parent of the vhack-grader-<pid> leaf it (or the grader that
     started it) was moved into."""
     mount, own = _v2_mount(proc_self), _own_v2_path(proc_self)
