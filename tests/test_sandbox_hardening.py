@@ -380,9 +380,9 @@ def test_probe_from_a_directory_the_sandbox_also_has(monkeypatch):
 
 def test_probe_reports_how_limits_are_counted():
     d = REPORT.to_dict()
-    assert d["cgroup"] in ("v1", "none")
+    assert d["cgroup"] in ("v2", "v1", "none")
     assert d["limits"] == (
-        "per-program (cgroup v1)" if d["cgroup"] == "v1" else "per-process (rlimits)"
+        f"per-program (cgroup {d['cgroup']})" if d["cgroup"] != "none" else "per-process (rlimits)"
     )
     if d["cgroup"] == "none":
         assert any(n.startswith("cgroups:") for n in d["notes"]), d["notes"]
@@ -397,15 +397,7 @@ def test_cgroup_support_says_why_not(monkeypatch):
         monkeypatch.setattr(os, "geteuid", lambda: 1000)
         sup = cgroups.support()
         assert sup.version == "none" and "not root" in sup.note
-        cgroups.support.cache_clear()
-        monkeypatch.setattr(os, "geteuid", lambda: 0)
-        monkeypatch.setattr(cgroups, "_v1_mounts", lambda: {})
-        real_exists = os.path.exists
-        monkeypatch.setattr(
-            os.path, "exists", lambda p: p == "/sys/fs/cgroup/cgroup.controllers" or real_exists(p)
-        )
-        sup = cgroups.support()
-        assert sup.version == "none" and "cgroup v2" in sup.note, sup
+        # what is missing where (v2 and v1): tests/test_sandbox_cgroups.py, on fake trees
     finally:
         monkeypatch.undo()
         cgroups.support.cache_clear()

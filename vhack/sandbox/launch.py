@@ -282,7 +282,7 @@ def _launch_job(job: dict, stdin: bytes, limits: Limits, sup, cleanup_uid: int |
             job["workdir"] = tempfile.mkdtemp(prefix=f"vhack-sbx-{os.getpid()}-")
             cleanup.callback(shutil.rmtree, job["workdir"], ignore_errors=True)
         cg = None
-        if sup is not None and sup.version == "v1":
+        if sup is not None and sup.version != "none":
             from vhack.sandbox import cgroups
 
             cg = cgroups.RunCgroup(

@@ -79,9 +79,10 @@ class IsolationReport:
     what is weaker, one line each. is_root: probed as uid 0 (programs then run as unprivileged
     uids leased per run). arch: the machine. seccomp_available: the kernel offers seccomp
     filters. seccomp: namespace-sandboxed programs run under this package's seccomp filter
-    (required by the "namespaces" level). cgroup: "v1" when each program gets its own cgroups
-    (memory, pids, CPU for all its processes together), else "none". limits: "per-program
-    (cgroup v1)" or "per-process (rlimits)": how memory, process and CPU limits are counted.
+    (required by the "namespaces" level). cgroup: "v2" or "v1" when each program gets its own
+    cgroup (memory, pids, CPU for all its processes together), else "none". limits: "per-program
+    (cgroup v2)", "per-program (cgroup v1)" or "per-process (rlimits)": how memory, process and
+    CPU limits are counted.
     """
 
     level: str
@@ -204,6 +205,7 @@ def _probe_cached() -> IsolationReport:
             notes.append(f"{mode}: failed checks {', '.join(failed)}")
         else:
             level = mode
+    per_process = "per-process (rlimits)"
     return IsolationReport(
         level=level,
         checks=checks,
@@ -215,7 +217,7 @@ def _probe_cached() -> IsolationReport:
         seccomp_available=_seccomp_available(),
         seccomp=seccomp and level == "namespaces",
         cgroup=cg.version,
-        limits="per-program (cgroup v1)" if cg.version == "v1" else "per-process (rlimits)",
+        limits=f"per-program (cgroup {cg.version})" if cg.version != "none" else per_process,
     )
 
 
