@@ -27,8 +27,9 @@ What the completion's code can still do: it runs in the worker, so it can answer
 way itself (it can read the nonce from the harness's frame). It gains nothing by that: every
 record it can produce so, a program that never touches the pipes produces too (answering
 "returned" from inside run_tests() is run_tests() returning there; answering a case with a value
-is the method returning it). A reply to no request, a second reply, or an unreadable one is a
-violation: the driver kills the worker and writes {"violation": why}, which fails the completion.
+is the method returning it). Bytes that answer no request under way (a reply written early, a
+second reply, a guessed nonce, an unreadable or oversized line) are a violation: the driver
+kills the worker and writes {"violation": why}, which fails the completion.
 The hidden inputs reach the worker one case at a time, as the arguments of the call that needs
 them; the expected outputs never leave the grader.
 """
