@@ -181,12 +181,7 @@ def detect(proc_self: str = PROC_SELF) -> CgroupSupport:
 def _support_v1(mounts: dict[str, str], own: dict[str, str]) -> CgroupSupport:
     parents = {c: os.path.join(mounts[c], own[c].lstrip("/")) for c in CONTROLLERS}
     _remove_stale(parents)
-    try:
-        probe = RunCgroup(CgroupSupport("v1", parents, ""), memory_bytes=64 << 20, pids=8, cpus=1)
-        probe.remove()
-    except OSError as e:
-        return CgroupSupport("none", {}, f"cgroups: v1 hierarchies not writable: {e}")
-    return CgroupSupport("v1", parents, "cgroups: v1 memory, pids, cpu per program")
+    return _tried(CgroupSupport("v1", parents, "cgroups: v1 memory, pids, cpu per program"))
 
 
 def _support_v2(parent: str) -> CgroupSupport:
@@ -202,12 +197,17 @@ def _support_v2(parent: str) -> CgroupSupport:
         )
     if refusal:
         return CgroupSupport("none", {}, refusal)
+    return _tried(CgroupSupport("v2", parents, "cgroups: v2 memory, pids, cpu per program"))
+
+
+def _tried(sup: CgroupSupport) -> CgroupSupport:
+    """`sup` once a run cgroup was really made and removed under its parents, else "none"."""
     try:
-        probe = RunCgroup(CgroupSupport("v2", parents, ""), memory_bytes=64 << 20, pids=8, cpus=1)
-        probe.remove()
+        RunCgroup(sup, memory_bytes=64 << 20, pids=8, cpus=1).remove()
     except OSError as e:
-        return CgroupSupport("none", {}, f"cgroups: v2 cgroup {parent} not writable: {e}")
-    return CgroupSupport("v2", parents, "cgroups: v2 memory, pids, cpu per program")
+        where = ", ".join(sorted(set(sup.parents.values())))
+        return CgroupSupport("none", {}, f"cgroups: {sup.version} {where} not writable: {e}")
+    return sup
 
 
 def _enable_v2_controllers(parent: str) -> str | None:
