@@ -19,6 +19,10 @@ threads) into a new leaf P/vhack-grader-<pid>, then enables memory, pids and cpu
 does); processes the grader starts later start in that leaf, and graders it starts use P too. If P
 holds other processes, nothing is moved and `support()` reports "none" with what to do: run the
 grader in a cgroup of its own (`systemd-run --scope -p Delegate=yes ...`).
+
+Tested: v1 for real (limits enforced, tests/test_sandbox_hardening.py); v2 on a simulated
+cgroupfs (tests/test_sandbox_cgroups.py) and, for joining a run cgroup, cgroup.kill and removal,
+on a real v2 hierarchy; v2's limits have not yet run on a kernel whose v2 offers the controllers.
 """
 
 from __future__ import annotations
