@@ -152,3 +152,21 @@ def test_driver_ignores_sigint_and_works_without_pidfd(tmp_path):
     assert rc == 0
     loaded, results, mutant = parse_hidden_output(channel, 1)
     assert loaded and results[0]["value"] == 10 and mutant == "killed"
+
+
+def test_deleting_run_tests_does_not_hide_it_from_the_mutant(tmp_path):
+    """The mutant runs the run_tests() that loading defined: a method that deletes it from the
+    module's globals no longer turns the mutant check into "not run"."""
+    solution = """
+    class Solution:
+        def double(self, x):
+            globals().pop("run_tests", None)
+            return 2 * x
+
+    def run_tests():
+        Solution().double(1)
+    """
+    rc, channel, _ = run_harness(tmp_path, "hidden", solution, hidden_job((1,)))
+    assert rc == 0
+    _, results, mutant = parse_hidden_output(channel, 1)
+    assert results[0]["value"] == 2 and mutant == "survived"

@@ -105,9 +105,11 @@ def _call_reply(ns: dict, method: str, args: list) -> dict:
     return {"ok": True, "value": value, "always_equal": always}
 
 
-def _mutant_reply(ns: dict, method: str) -> str:
-    """Run run_tests() with the method replaced by a stub returning a fresh object."""
-    cls, run_tests = ns.get("Solution"), ns.get("run_tests")
+def _mutant_reply(defined: dict, method: str) -> str:
+    """Run run_tests() with the method replaced by a stub returning a fresh object. defined:
+    Solution and run_tests as loading left them (the code cannot hide them from the mutant by
+    deleting its globals later)."""
+    cls, run_tests = defined.get("Solution"), defined.get("run_tests")
     if not isinstance(cls, type) or not callable(run_tests):
         return "not_run"
 
@@ -136,6 +138,7 @@ def _worker(requests_fd: int, replies_fd: int) -> None:
     builtins.exit = builtins.quit = sys.exit  # python -S: site does not define them
     requests = os.fdopen(requests_fd, "rb")
     ns = {"__name__": "solution", "__builtins__": builtins}
+    defined: dict = {}  # Solution and run_tests as loading left them
 
     def reply(nonce: str, text: str) -> None:
         data = memoryview((nonce + " " + text + "\n").encode())
@@ -154,10 +157,12 @@ def _worker(requests_fd: int, replies_fd: int) -> None:
                     source = f.read()
                 exec(compile(source, "solution.py", "exec"), ns)
             except BaseException as e:
+                defined = {k: ns.get(k) for k in ("Solution", "run_tests")}
                 reply(nonce, "failed " + _describe(e))
                 if arg == "fatal":
                     raise
                 continue
+            defined = {k: ns.get(k) for k in ("Solution", "run_tests")}
             reply(nonce, LOAD_REPLIES[0] if callable(ns.get("run_tests")) else LOAD_REPLIES[1])
         elif step == "run_tests":
             try:
@@ -176,7 +181,7 @@ def _worker(requests_fd: int, replies_fd: int) -> None:
             case = json.loads(arg)
             reply(nonce, json.dumps(_call_reply(ns, case["method"], case["args"])))
         elif step == "mutant":
-            reply(nonce, _mutant_reply(ns, arg))
+            reply(nonce, _mutant_reply(defined, arg))
         elif step == "exit":
             if arg:
                 raise SystemExit(arg)
