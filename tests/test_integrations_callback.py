@@ -244,25 +244,11 @@ def test_the_callback_wires_the_vllm_sync_of_its_trainer(tmp_path):
 def test_without_a_trainer_the_statistics_go_in_through_on_log():
     """A custom loop driving the callback events: no Trainer on the stack, so on_log adds the
     statistics to the logs and to the last log_history record, and warns once."""
-    from transformers import TrainerControl, TrainerState
-
-    model, adapter, basis = _wrapped()
-    callback = VHackCallback(vhack.Projector(adapter, basis))
-    args, state, control = (
-        TrainingArguments(output_dir="unused", report_to=[]),
-        TrainerState(),
-        TrainerControl(),
-    )
-    opt = torch.optim.AdamW([adapter.delta], lr=1e-2)
-    callback.on_train_begin(args, state, control, model=model, optimizer=opt)
-    x = torch.randint(0, 256, (2, 8))
+    _, adapter, basis = _wrapped()
+    callback, one_step, (args, state, control) = _custom_loop(vhack.Projector(adapter, basis))
+    model = adapter.model
     for _ in range(2):
-        model(input_ids=x, labels=x).loss.backward()
-        callback.on_pre_optimizer_step(args, state, control, model=model)
-        opt.step()
-        callback.on_optimizer_step(args, state, control)
-        opt.zero_grad()
-        state.global_step += 1
+        one_step(1.0)
     logs = {"loss": 1.0}
     state.log_history.append({**logs, "step": state.global_step})
     with pytest.warns(RuntimeWarning, match="no transformers Trainer"):
@@ -277,7 +263,7 @@ def test_without_a_trainer_the_statistics_go_in_through_on_log():
 
 
 def _custom_loop(projector):
-    """(callback, one_step): a callback driven by hand, no Trainer.
+    """(callback, one_step, (args, state, control)): a callback driven by hand, no Trainer.
     one_step(scale) runs backward on scale * loss (scale None: no backward, dS.grad is None)
     and the optimizer-step events around opt.step(); returns dS.grad as the callback got it."""
     from transformers import TrainerControl, TrainerState
@@ -305,7 +291,7 @@ def _custom_loop(projector):
         state.global_step += 1
         return grad  # as the callback got it
 
-    return callback, one_step
+    return callback, one_step, (args, state, control)
 
 
 def test_steps_without_a_gradient_are_counted_not_averaged():
@@ -313,7 +299,7 @@ def test_steps_without_a_gradient_are_counted_not_averaged():
     neither turns the window's averages into NaN nor halves energy_removed: the window averages
     over the steps that had a gradient and logs how many it skipped."""
     _, adapter, basis = _wrapped()
-    callback, one_step = _custom_loop(vhack.Projector(adapter, basis))
+    callback, one_step, _ = _custom_loop(vhack.Projector(adapter, basis))
     one_step(1.0)
     first = callback.projector.last_stats.as_dict()
     one_step(0.0)  # a zero gradient
@@ -332,7 +318,7 @@ def test_a_measure_only_run_logs_the_one_sided_cin_of_a_projected_run():
     (the hack-ward, one-sided cin), so their curves compare directly; the two-sided one has its
     own name."""
     _, adapter, basis = _wrapped()
-    callback, one_step = _custom_loop(vhack.Projector(adapter, basis, mode="measure"))
+    callback, one_step, _ = _custom_loop(vhack.Projector(adapter, basis, mode="measure"))
     grad = one_step(1.0)
     metrics = callback.pop_metrics()
     projected = vhack.Projector(adapter, basis).project_(grad)
