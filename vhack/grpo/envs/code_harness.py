@@ -50,6 +50,13 @@ RUN_TESTS_REPLIES = {"returned": "finished", "raised": "raised", "exit_called": 
 MUTANT_REPLIES = ("survived", "killed", "exit", "not_run")
 
 
+def _write_line(fd: int, text: str) -> None:
+    """Write `text` and a newline on `fd`, all of it (a pipe may take it in parts)."""
+    data = memoryview((text + "\n").encode())
+    while data:
+        data = data[os.write(fd, data) :]
+
+
 # ---------------------------------------------------------------------------------------------
 # the worker: runs the completion's code, one step per request
 
@@ -141,9 +148,7 @@ def _worker(requests_fd: int, replies_fd: int) -> None:
     defined: dict = {}  # Solution and run_tests as loading left them
 
     def reply(nonce: str, text: str) -> None:
-        data = memoryview((nonce + " " + text + "\n").encode())
-        while data:
-            data = data[os.write(replies_fd, data) :]
+        _write_line(replies_fd, nonce + " " + text)
 
     while True:
         line = requests.readline()
@@ -223,10 +228,8 @@ class _Driver:
         if self.pending:
             raise Violation("the worker wrote a reply before it was asked")
         nonce = os.urandom(16).hex()
-        data = memoryview((nonce + " " + request + "\n").encode())
         try:
-            while data:
-                data = data[os.write(self.requests_fd, data) :]
+            _write_line(self.requests_fd, nonce + " " + request)
         except OSError:  # the worker closed its end: it cannot be asked anything any more
             self._reap(block=True)
             return None
@@ -288,9 +291,7 @@ class _Driver:
 
 def _record(line: str) -> None:
     """Write one JSON line on the channel."""
-    data = memoryview((line + "\n").encode())
-    while data:
-        data = data[os.write(CHANNEL_FD, data) :]
+    _write_line(CHANNEL_FD, line)
 
 
 def _record_word(key: str, word: str) -> None:
