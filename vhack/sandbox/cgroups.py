@@ -78,51 +78,56 @@ def _read(path: str) -> str:
         return f.read()
 
 
+def _mountinfo(proc_self: str) -> list[tuple[list[str], list[str]]]:
+    """(fields before " - ", fields after it) of each line of mountinfo: [4] of the first is
+    the mount point, [3] the mount's root; the second starts with the filesystem type."""
+    with open(os.path.join(proc_self, "mountinfo")) as f:
+        return [
+            (left.split(), right.split()) for left, _, right in (ln.partition(" - ") for ln in f)
+        ]
+
+
+def _cgroup_lines(proc_self: str) -> list[tuple[str, str, str]]:
+    """(hierarchy id, controllers, path) of each line of /proc/self/cgroup."""
+    with open(os.path.join(proc_self, "cgroup")) as f:
+        return [tuple(line.rstrip("\n").split(":", 2)) for line in f]
+
+
 def _v1_mounts(proc_self: str = PROC_SELF) -> dict[str, str]:
     """controller -> mount point of its cgroup v1 hierarchy (from mountinfo)."""
     mounts: dict[str, str] = {}
-    with open(os.path.join(proc_self, "mountinfo")) as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, super_fields = left.split(), right.split()
-            if len(super_fields) < 3 or super_fields[0] != "cgroup":
-                continue
-            for opt in super_fields[2].split(","):
-                if opt in CONTROLLERS:
-                    mounts.setdefault(opt, fields[4])
+    for fields, super_fields in _mountinfo(proc_self):
+        if len(super_fields) < 3 or super_fields[0] != "cgroup":
+            continue
+        for opt in super_fields[2].split(","):
+            if opt in CONTROLLERS:
+                mounts.setdefault(opt, fields[4])
     return mounts
 
 
 def _own_paths(proc_self: str = PROC_SELF) -> dict[str, str]:
     """controller -> this process's cgroup path in that v1 hierarchy (from /proc/self/cgroup)."""
     paths: dict[str, str] = {}
-    with open(os.path.join(proc_self, "cgroup")) as f:
-        for line in f:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            for c in controllers.split(","):
-                if c in CONTROLLERS:
-                    paths[c] = path
+    for _, controllers, path in _cgroup_lines(proc_self):
+        for c in controllers.split(","):
+            if c in CONTROLLERS:
+                paths[c] = path
     return paths
 
 
 def _v2_mount(proc_self: str = PROC_SELF) -> tuple[str, str] | None:
     """(mount point, root of the mount inside the hierarchy) of the first cgroup2 mount."""
-    with open(os.path.join(proc_self, "mountinfo")) as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, super_fields = left.split(), right.split()
-            if super_fields and super_fields[0] == "cgroup2" and len(fields) >= 5:
-                return fields[4], fields[3]
+    for fields, super_fields in _mountinfo(proc_self):
+        if super_fields and super_fields[0] == "cgroup2" and len(fields) >= 5:
+            return fields[4], fields[3]
     return None
 
 
 def _own_v2_path(proc_self: str = PROC_SELF) -> str | None:
     """This process's cgroup v2 path: the "0::/path" line of /proc/self/cgroup."""
-    with open(os.path.join(proc_self, "cgroup")) as f:
-        for line in f:
-            hierarchy, controllers, path = line.rstrip("\n").split(":", 2)
-            if hierarchy == "0" and controllers == "":
-                return path
+    for hierarchy, controllers, path in _cgroup_lines(proc_self):
+        if hierarchy == "0" and controllers == "":
+            return path
     return None
 
 
