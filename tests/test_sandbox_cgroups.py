@@ -376,3 +376,30 @@ def test_real_v2_cgroup_join_kill_and_remove(monkeypatch):
             child.kill()
             child.wait()
         cg.remove()
+
+
+def test_stale_run_cgroup_still_holding_an_exiting_program_is_removed():
+    """A grader killed mid-run leaves its run cgroup with the program still exiting in it: the
+    next grader's cleanup kills what is left and removes the cgroup (a single rmdir failed with
+    EBUSY and left it behind)."""
+    sup = cgroups.support()
+    if sup.version == "none":
+        pytest.skip(f"no per-program cgroups here ({sup.note})")
+    key, parent = next(iter(sup.parents.items()))
+    dead = next(p for p in range(4_000_000, 4_100_000) if not os.path.exists(f"/proc/{p}"))
+    path = os.path.join(parent, f"vhack-sbx-{dead}-0")
+    cgroups._mkdir(path)
+    child = subprocess.Popen(["sh", "-c", f'echo 0 > "{path}/cgroup.procs" && exec sleep 60'])
+    try:
+        deadline = time.monotonic() + 5
+        while _read(os.path.join(path, "cgroup.procs")).split() != [str(child.pid)]:
+            assert child.poll() is None and time.monotonic() < deadline, "the child never joined"
+            time.sleep(0.01)
+        cgroups._remove_stale({key: parent})
+        assert not os.path.exists(path)
+        assert child.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        cgroups.RunCgroup.attach(sup.version, {key: path}).remove()

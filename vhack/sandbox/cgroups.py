@@ -258,16 +258,23 @@ def _enable_v2_controllers(parent: str) -> str | None:
 
 def _remove_stale(parents: dict[str, str]) -> None:
     """Remove run cgroups (and v2 grader leaves) left by graders that were killed before
-    cleaning up: their programs died with them, so an empty directory is all that is left. A
-    leaf that still holds processes is kept (rmdir fails)."""
+    cleaning up. Their programs die with them, but may still be exiting: a run cgroup is removed
+    like any run's (`RunCgroup.remove`: kill what is left, retry for up to 1 s). A grader leaf
+    that still holds processes (started by that grader, not ours to kill) is kept."""
+    version = "v2" if V2 in parents else "v1"
     for parent in parents.values():
         with contextlib.suppress(OSError):
             for name in os.listdir(parent):
                 parts = name.split("-")
                 run = name.startswith(RUN_PREFIX) and len(parts) == 4 and parts[2].isdigit()
-                if (run or _is_grader_leaf(name)) and not os.path.exists(f"/proc/{parts[2]}"):
+                if not (run or _is_grader_leaf(name)) or os.path.exists(f"/proc/{parts[2]}"):
+                    continue
+                path = os.path.join(parent, name)
+                if run:
+                    RunCgroup.attach(version, {name: path}).remove(timeout_s=1.0)
+                else:
                     with contextlib.suppress(OSError):
-                        _rmdir(os.path.join(parent, name))
+                        _rmdir(path)
 
 
 class RunCgroup:
